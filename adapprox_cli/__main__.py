@@ -1,0 +1,3 @@
+from adapprox_cli.cli import main
+
+main()

@@ -1,0 +1,101 @@
+"""The Typer application, its global options, and the one place where errors become messages.
+
+Command modules (``adapprox_cli/cli/*.py``) register themselves on ``app``; every command is a
+few lines over a library call. Library errors (``AdapproxError``) are printed as one line on
+stderr with a non-zero exit code; ``--debug`` (anywhere on the command line) or
+``ADAPPROX_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from adapprox_cli import __version__
+from adapprox_cli.errors import AdapproxError
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ADAPPROX_DEBUG", "") not in ("", "0")
+
+
+def _print_error(message: str) -> None:
+    # Imported lazily: rich is only needed when something goes wrong or is rendered.
+    from adapprox_cli.render import stderr_console
+
+    stderr_console().print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+class _ErrorReportingGroup(TyperGroup):
+    """Turns library errors into a one-line message and an exit code instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AdapproxError as exc:
+            if debug_enabled():
+                raise
+            _print_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug or an unexpected library failure: still no traceback by default
+            if debug_enabled() or getattr(exc, "__module__", "").startswith("click"):
+                raise
+            import click
+
+            if isinstance(exc, click.ClickException):
+                raise
+            _print_error(f"{type(exc).__name__}: {exc} (run again with --debug for the full traceback)")
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    name="adapprox",
+    cls=_ErrorReportingGroup,
+    help=(
+        "Adapprox: Adam with a randomized low-rank second moment.\n\n"
+        "Look at the second moments in the AdamW checkpoints you already have, measure how well "
+        "low-rank approximations reproduce them, estimate the memory Adapprox would save, convert "
+        "the state, and resume training with less optimizer memory."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        import torch
+
+        typer.echo(f"adapprox {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+) -> None:
+    if debug:
+        os.environ["ADAPPROX_DEBUG"] = "1"
+
+
+def main() -> None:
+    # ``--debug`` is accepted anywhere on the line (users append it after the error they saw).
+    argv = sys.argv[1:]
+    if "--debug" in argv:
+        os.environ["ADAPPROX_DEBUG"] = "1"
+        argv = [a for a in argv if a != "--debug"]
+    try:
+        app(args=argv, prog_name="adapprox")
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""Options shared by several commands, declared once (``Annotated`` aliases)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+CheckpointPath = Annotated[
+    Path,
+    typer.Argument(
+        help="A checkpoint file or directory: torch.save'd optimizer state, nanoGPT ckpt.pt, Hugging Face "
+        "checkpoint-N/, Lightning .ckpt, accelerate/DCP/DeepSpeed directory, or an adapprox safetensors export.",
+        show_default=False,
+    ),
+]
+ParamsRegex = Annotated[
+    str | None,
+    typer.Option("--params", help="Only parameters whose name matches this regular expression (re.search)."),
+]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="Where to compute: auto (CUDA when available), cpu, cuda or cuda:N.")
+]
+DtypeOption = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Compute precision: float32 or float64. Second moments span ~11 decades, so states are upcast.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr).")
+]
+PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a figure to this PNG file.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random test matrices.")]
+TrustOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow pickled Python objects outside the safe allowlist. This runs code from the file: "
+        "only for checkpoints you made yourself.",
+    ),
+]
+OptimizerIndexOption = Annotated[
+    int, typer.Option("--optimizer-index", help="Which optimizer of a Lightning checkpoint with several (0-based).")
+]

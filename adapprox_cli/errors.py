@@ -1,0 +1,21 @@
+"""One exception family for the whole library; the CLI turns it into a one-line message."""
+
+
+class AdapproxError(Exception):
+    """Base class: a problem the user can fix. The message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class InputError(AdapproxError):
+    """Bad, corrupt, unreadable or unsupported input (a checkpoint, a file, an option value)."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpointError(InputError):
+    """A checkpoint needs pickled globals outside the allowlist; loading it would run its code."""
+
+
+class UnsupportedStateError(InputError):
+    """The optimizer state is not one adapprox reads (SGD, Adafactor, 8-bit, sharded pieces...)."""

@@ -1,0 +1,441 @@
+"""Low-rank and factored approximations of second-moment matrices: pure functions of tensors.
+
+Everything here takes tensors and returns tensors: no I/O, no printing, no global random state
+(randomized methods take an explicit ``torch.Generator``). The optimizer, ``compare``,
+``spectrum`` and ``estimate`` all call these same functions.
+
+Public functions validate their input (a 2-D, finite, floating matrix; rank >= 1) and raise
+``ValueError`` with the offending value; the private ``_srsi`` body used on the optimizer's hot
+path skips those checks. Tags as in the project's algorithm notes: [paper] stated by the
+Adapprox paper, [decided] this project's choice where the paper is silent.
+
+References
+- Adapprox: Zhao et al., "Adapprox: Adaptive Approximation in Adam Optimization via Randomized
+  Low-Rank Matrices", arXiv:2403.14958.
+- Halko, Martinsson, Tropp, "Finding structure with randomness", SIAM Review 2011 (Alg. 4.4).
+- Adafactor: Shazeer & Stern 2018; SM3: Anil et al. 2019; SMMF: Park & Lee 2024;
+  Adam-mini: Zhang et al. 2024.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LowRankFactors",
+    "adafactor_rank1",
+    "adam_mini_blocks",
+    "adaptive_rank",
+    "as_rsi",
+    "default_rank_max",
+    "matrix_view_shape",
+    "relative_error",
+    "relative_errors_from_singular_values",
+    "sm3_cover",
+    "smmf_rank1",
+    "square_matricize_shape",
+    "srsi",
+    "svd_lowrank",
+    "truncated_svd",
+]
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """V ~ q @ u.T, with the errors of every rank the sketch can tell.
+
+    q: (m, k), orthonormal columns. u: (n, k), the singular values folded in.
+    singular_values: the singular values of the sketched matrix (length s >= k).
+    relative_errors: relative_errors[r - 1] = ||V - V_r||_F / ||V||_F for r = 1..s, where V_r is
+        the best rank-r approximation inside the sketched subspace (exact for truncated SVD).
+    """
+
+    q: Tensor
+    u: Tensor
+    singular_values: Tensor
+    relative_errors: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def error(self) -> float:
+        """Relative error at the returned rank."""
+        if self.rank == 0:
+            return 0.0
+        return float(self.relative_errors[self.rank - 1])
+
+    def reconstruct(self) -> Tensor:
+        return self.q @ self.u.T
+
+    def numbers_stored(self) -> int:
+        return self.q.numel() + self.u.numel()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_matrix(v: Tensor) -> Tensor:
+    """Public-door validation: returns v in a compute dtype (float32/float64)."""
+    if not isinstance(v, Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(v).__name__}")
+    if v.ndim != 2:
+        raise ValueError(
+            f"expected a matrix (2-D tensor), got shape {tuple(v.shape)}; "
+            "view higher-order tensors with matrix_view_shape() first"
+        )
+    if v.is_complex() or not v.is_floating_point():
+        raise ValueError(f"expected a real floating-point matrix, got dtype {v.dtype}")
+    if v.dtype not in (torch.float32, torch.float64):
+        # bf16/fp16 keep ~3 significant digits: factor in float32.
+        v = v.float()
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        raise ValueError("matrix contains NaN or Inf; approximate only finite second moments")
+    return v
+
+
+def _check_rank(rank: int, name: str = "rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
+    return rank
+
+
+def _check_nonnegative_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def matrix_view_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+    """The matrix a parameter's second moment is factored as, or None for 0-D/1-D.
+
+    [decided] >2-D weights (convolutions) are viewed as (shape[0], prod(shape[1:])): output
+    channels by fan-in, the layout ``nn.Conv*`` weights already have in memory.
+    """
+    if len(shape) < 2:
+        return None
+    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+
+
+def default_rank_max(m: int, n: int) -> int:
+    """k_max = min(m, n) // 4 (at least 1): the largest rank the paper's memory numbers use."""
+    return max(1, min(m, n) // 4)
+
+
+def square_matricize_shape(numel: int) -> tuple[int, int]:
+    """SMMF's most-square factor pair (rows >= cols) of ``numel``; primes give (numel, 1)."""
+    if numel < 1:
+        return (numel, 1) if numel == 0 else (0, 0)
+    cols = math.isqrt(numel)
+    while numel % cols:
+        cols -= 1
+    return numel // cols, cols
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def relative_error(v: Tensor, approximation: Tensor) -> float:
+    """||V - approximation||_F / ||V||_F; 0 when both are zero, inf when only V is."""
+    norm = torch.linalg.matrix_norm(v.double() if v.dtype == torch.float64 else v.float())
+    diff = torch.linalg.matrix_norm((v - approximation).to(norm.dtype))
+    if float(norm) == 0.0:
+        return 0.0 if float(diff) == 0.0 else math.inf
+    return float(diff / norm)
+
+
+def relative_errors_from_singular_values(frobenius_sq: Tensor, singular_values: Tensor) -> Tensor:
+    """err(r) = sqrt(max(||V||^2 - sum_{i<=r} S_i^2, 0)) / ||V|| for r = 1..len(S).
+
+    Exact for the projection onto the leading r directions of the sketch (algorithm notes
+    §3.5). Computed in float64: the subtraction cancels when the error is small.
+    """
+    total = frobenius_sq.double()
+    captured = torch.cumsum(singular_values.double().square(), 0)
+    residual = torch.clamp(total - captured, min=0.0).sqrt()
+    # A zero matrix is reproduced exactly by any rank: error 0, never 0/0.
+    safe_norm = torch.where(total > 0, total.sqrt(), torch.ones_like(total))
+    return torch.where(total > 0, residual / safe_norm, torch.zeros_like(residual))
+
+
+# --------------------------------------------------------------------------- S-RSI
+
+
+def _orthonormal_basis(y: Tensor) -> Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _srsi(
+    v: Tensor,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    generator: torch.Generator | None,
+    warm_start: Tensor | None,
+    frobenius_sq: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unchecked S-RSI body: returns (Q_s, U_s, S, errors) at the full sketch width s.
+
+    The caller slices the leading k columns; keeping all s lets the adaptive rank choose k
+    after the fact without a second pass.
+    """
+    m, n = v.shape
+    width = min(rank + oversample, m, n)
+    # 1. Start basis: Gaussian directions; with a warm start, the previous factor Q plus fresh
+    #    Gaussian directions for the rest ([decided]: V changes slowly between optimizer steps).
+    if warm_start is not None and warm_start.shape[1] > 0:
+        kept = warm_start[:, : min(warm_start.shape[1], width)].to(v.dtype)
+        fresh = width - kept.shape[1]
+        omega = torch.randn(n, fresh, generator=generator, device=v.device, dtype=v.dtype)
+        y = torch.cat([kept, v @ omega], dim=1)
+    else:
+        omega = torch.randn(n, width, generator=generator, device=v.device, dtype=v.dtype)
+        y = v @ omega
+    q = _orthonormal_basis(y)
+    # 2. Subspace iteration. [decided] Orthonormalize after each product (Halko et al. Alg. 4.4)
+    #    rather than once per round: in float32, V V^T squares the singular-value ratios and
+    #    would wash out every direction below sqrt(eps) of the top one.
+    for _ in range(power_iters):
+        q = _orthonormal_basis(v @ _orthonormal_basis(v.T @ q))
+    # 3. Small SVD of the projection B = Q^T V.
+    b = q.T @ v
+    w, s, zh = torch.linalg.svd(b, full_matrices=False)
+    # 4. Rotate inside the sketched subspace: V ~ (Q W) (Z S)^T, ordered by singular value.
+    q_rot = q @ w
+    u_rot = zh.T * s
+    if frobenius_sq is None:
+        frobenius_sq = v.square().sum()
+    # 5. Free errors of every rank <= s.
+    errors = relative_errors_from_singular_values(frobenius_sq, s)
+    return q_rot, u_rot, s, errors
+
+
+def srsi(
+    v: Tensor,
+    rank: int,
+    *,
+    oversample: int = 5,
+    power_iters: int = 5,
+    generator: torch.Generator | None = None,
+    warm_start: Tensor | None = None,
+) -> LowRankFactors:
+    """Streamlined randomized subspace iteration (S-RSI) at a fixed rank.
+
+    [paper] Gaussian test matrix with ``oversample`` extra columns (p), ``power_iters`` rounds
+    (l) of multiplication by V with orthonormalization. [decided] A small SVD of Q^T V rotates
+    the basis so the leading k columns are the best rank-k approximation inside the sketch,
+    and yields the relative error of every rank up to k + p for free.
+
+    Args:
+        v: (m, n) matrix (a second moment: non-negative, but any real matrix works).
+        rank: k >= 1; clamped to min(m, n).
+        oversample: p >= 0 extra sketch columns.
+        power_iters: l >= 0 subspace-iteration rounds.
+        generator: source of the Gaussian test matrix (None: torch's default generator).
+        warm_start: optional (m, j) basis to start from, e.g. the previous step's factor.
+    """
+    v = _check_matrix(v)
+    _check_rank(rank)
+    _check_nonnegative_int(oversample, "oversample")
+    _check_nonnegative_int(power_iters, "power_iters")
+    m, n = v.shape
+    if warm_start is not None and (warm_start.ndim != 2 or warm_start.shape[0] != m):
+        raise ValueError(f"warm_start must have shape ({m}, j), got {tuple(warm_start.shape)}")
+    if v.numel() == 0:
+        return _empty_factors(v, min(rank, m, n))
+    q, u, s, errors = _srsi(v, rank, oversample, power_iters, generator, warm_start)
+    k = min(rank, q.shape[1])
+    return LowRankFactors(q[:, :k], u[:, :k], s, errors)
+
+
+def adaptive_rank(
+    relative_errors: Tensor | list[float],
+    current_rank: int,
+    *,
+    rank_min: int,
+    rank_max: int,
+    oversample: int,
+    tol: float,
+) -> int:
+    """AS-RSI rank rule ([decided]; the paper's rule is not public).
+
+    The smallest r in [rank_min, min(current_rank + oversample, rank_max)] whose error is at
+    most ``tol``; if none qualifies, the top of that range. A matrix therefore grows by at most
+    p per evaluation and shrinks at once when fewer directions suffice.
+    """
+    errors = relative_errors.tolist() if isinstance(relative_errors, Tensor) else list(relative_errors)
+    available = len(errors)
+    top = max(1, min(current_rank + oversample, rank_max, available))
+    low = min(max(1, rank_min), top)
+    for r in range(low, top + 1):
+        if errors[r - 1] <= tol:
+            return r
+    return top
+
+
+def as_rsi(
+    v: Tensor,
+    current_rank: int,
+    *,
+    rank_min: int = 1,
+    rank_max: int | None = None,
+    tol: float = 0.01,
+    oversample: int = 5,
+    power_iters: int = 5,
+    generator: torch.Generator | None = None,
+    warm_start: Tensor | None = None,
+) -> LowRankFactors:
+    """Adaptive-rank S-RSI: sketch at current_rank + p, keep the rank ``adaptive_rank`` picks."""
+    v = _check_matrix(v)
+    _check_rank(current_rank, "current_rank")
+    _check_rank(rank_min, "rank_min")
+    m, n = v.shape
+    rank_max = default_rank_max(m, n) if rank_max is None else _check_rank(rank_max, "rank_max")
+    if rank_min > rank_max:
+        raise ValueError(f"rank_min ({rank_min}) must not exceed rank_max ({rank_max})")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if v.numel() == 0:
+        return _empty_factors(v, 0)
+    sketch_rank = min(current_rank, rank_max)
+    q, u, s, errors = _srsi(v, sketch_rank, oversample, power_iters, generator, warm_start)
+    k = adaptive_rank(errors, sketch_rank, rank_min=rank_min, rank_max=rank_max, oversample=oversample, tol=tol)
+    return LowRankFactors(q[:, :k], u[:, :k], s, errors)
+
+
+def _empty_factors(v: Tensor, rank: int) -> LowRankFactors:
+    m, n = v.shape
+    empty = v.new_zeros(0)
+    return LowRankFactors(v.new_zeros(m, rank), v.new_zeros(n, rank), empty, empty)
+
+
+# --------------------------------------------------------------------------- exact and Halko
+
+
+def truncated_svd(v: Tensor, rank: int) -> LowRankFactors:
+    """Exact truncated SVD: the Eckart-Young optimum at every rank, the floor for all methods.
+
+    ``singular_values``/``relative_errors`` cover every rank up to min(m, n).
+    """
+    v = _check_matrix(v)
+    _check_rank(rank)
+    if v.numel() == 0:
+        return _empty_factors(v, min(rank, *v.shape))
+    u_left, s, vh = torch.linalg.svd(v, full_matrices=False)
+    k = min(rank, s.shape[0])
+    errors = relative_errors_from_singular_values(v.square().sum(), s)
+    return LowRankFactors(u_left[:, :k], vh[:k].T * s[:k], s, errors)
+
+
+def svd_lowrank(
+    v: Tensor,
+    rank: int,
+    *,
+    oversample: int = 5,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> LowRankFactors:
+    """A thin wrapper over ``torch.svd_lowrank`` (Halko et al.), the peer S-RSI must match.
+
+    torch.svd_lowrank draws from the global RNG; with a ``generator`` we seed a forked RNG from
+    it, so the caller's global random state is untouched and results are reproducible.
+    """
+    v = _check_matrix(v)
+    _check_rank(rank)
+    _check_nonnegative_int(oversample, "oversample")
+    _check_nonnegative_int(power_iters, "power_iters")
+    m, n = v.shape
+    if v.numel() == 0:
+        return _empty_factors(v, min(rank, m, n))
+    width = min(rank + oversample, m, n)
+    devices = [v.device] if v.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            torch.manual_seed(seed)
+        u_left, s, v_right = torch.svd_lowrank(v, q=width, niter=power_iters)
+    k = min(rank, s.shape[0])
+    errors = relative_errors_from_singular_values(v.square().sum(), s)
+    return LowRankFactors(u_left[:, :k], v_right[:, :k] * s[:k], s, errors)
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def adafactor_rank1(v: Tensor) -> Tensor:
+    """Adafactor / CAME / AdaLomo rank-1 factorization: V ~ r c^T / mean(r).
+
+    r and c are the row and column means (the statistics those optimizers store); for a
+    non-negative V this is the KL-optimal rank-1 non-negative factorization.
+    """
+    v = _check_matrix(v)
+    if v.numel() == 0:
+        return v.clone()
+    row = v.mean(dim=1)
+    col = v.mean(dim=0)
+    scale = row.mean()
+    if float(scale) == 0.0:
+        return torch.zeros_like(v)
+    return torch.outer(row, col) / scale
+
+
+def smmf_rank1(v: Tensor) -> Tensor:
+    """SMMF: square-matricize the whole tensor to its most square shape, then rank-1 NNMF.
+
+    The NNMF is outer(row sums, col sums) / total, which equals Adafactor's factorization of
+    the reshaped matrix. The original matrix structure is ignored, as in SMMF.
+    """
+    v = _check_matrix(v)
+    if v.numel() == 0:
+        return v.clone()
+    rows, cols = square_matricize_shape(v.numel())
+    square = v.reshape(rows, cols)
+    total = square.sum()
+    if float(total) == 0.0:
+        return torch.zeros_like(v)
+    return (torch.outer(square.sum(dim=1), square.sum(dim=0)) / total).reshape(v.shape)
+
+
+def adam_mini_blocks(v: Tensor, block: str = "row", num_heads: int | None = None) -> Tensor:
+    """Adam-mini: one mean of V per block, broadcast back.
+
+    block: "row" (one value per output row / token, Adam-mini's choice for embeddings, value,
+    output and MLP weights), "head" (``num_heads`` equal row blocks, its choice for query/key
+    weights) or "tensor" (one value for the whole tensor, its default for everything else).
+    """
+    v = _check_matrix(v)
+    if v.numel() == 0:
+        return v.clone()
+    m, n = v.shape
+    if block == "row":
+        return v.mean(dim=1, keepdim=True).expand(m, n).clone()
+    if block == "tensor":
+        return v.mean().expand(m, n).clone()
+    if block == "head":
+        if num_heads is None or num_heads < 1 or m % num_heads:
+            raise ValueError(f"block='head' needs num_heads dividing the {m} rows, got {num_heads!r}")
+        per_head = v.reshape(num_heads, -1).mean(dim=1, keepdim=True)
+        return per_head.expand(num_heads, (m // num_heads) * n).reshape(m, n).clone()
+    raise ValueError(f"block must be 'row', 'head' or 'tensor', got {block!r}")
+
+
+def sm3_cover(v: Tensor) -> Tensor:
+    """SM3 with the row/column cover: V_ij ~ min(max_j' V_ij', max_i' V_i'j).
+
+    SM3 stores one accumulator per row and per column, each the maximum over its cover set;
+    the estimate of an entry is the minimum over the sets covering it (an upper bound on V).
+    """
+    v = _check_matrix(v)
+    if v.numel() == 0:
+        return v.clone()
+    row_max = v.amax(dim=1, keepdim=True)
+    col_max = v.amax(dim=0, keepdim=True)
+    return torch.minimum(row_max, col_max)

@@ -1,0 +1,564 @@
+r"""Adapprox: Adam with a second moment stored as adaptive-rank randomized low-rank factors.
+
+Shaped like ``torch/optim/adam.py``: the ``Adapprox`` class validates its settings and keeps
+them in ``defaults``/``param_groups``, creates state lazily, and calls the functional twin
+``adapprox`` under ``no_grad``; ``_single_tensor_adapprox`` is the loop that does the work.
+
+Paper versus project: the Adapprox paper (arXiv:2403.14958) fixes the idea (V ~ Q U^T found by
+randomized subspace iteration, an adaptive rank within [k_min, k_max], optional first moment,
+update clipping, decoupled weight decay, no bias correction, optional cosine-similarity
+guidance). Its full body and code are not public; every detail it leaves open is decided here
+and marked [decided] in comments and in the class docstring.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adapprox_cli.lowrank import _srsi, adaptive_rank, default_rank_max, matrix_view_shape
+
+__all__ = ["Adapprox", "adapprox", "is_factored"]
+
+_FIRST_MOMENT_MODES = ("update", "gradient")
+_FIRST_MOMENT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
+    """Whether a parameter of this shape keeps its second moment as low-rank factors.
+
+    [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), but only when
+    factors at k_max store fewer numbers than the dense matrix: k_max (m + n) < m n. Biases,
+    norms, scalars and tiny matrices keep a dense ``exp_avg_sq``.
+    """
+    view = matrix_view_shape(shape)
+    if view is None:
+        return False
+    m, n = view
+    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    return m * n > 0 and k_max * (m + n) < m * n
+
+
+def _seed_for(seed: int, param_index: int, step: int) -> int:
+    # [decided] The Gaussian test matrix is a pure function of (seed, parameter index, step), so
+    # a resumed run draws exactly what the uninterrupted one drew, without storing generators.
+    mixed = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % (2**64)
+    mixed ^= mixed >> 31
+    return mixed % (2**63)
+
+
+def _compute_dtype(param: Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class Adapprox(Optimizer):
+    r"""Adam whose second moment lives as low-rank factors :math:`V \approx Q U^\top`.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2, \epsilon, \lambda
+                \text{ (weight decay)}, d \text{ (clip threshold)}, \tau \text{ (tol)},
+                k_{\min}, k_{\max}, p, l \\
+            &\textbf{for } t = 1, 2, \ldots \textbf{ do} \\
+            &\quad G_t \leftarrow \nabla_W f_t(W_{t-1}) \\
+            &\quad V_t \leftarrow \beta_2 \max(Q_{t-1} U_{t-1}^\top, 0) + (1-\beta_2) G_t^2
+                \quad \text{(dense, one matrix at a time)} \\
+            &\quad (Q_t, U_t, k_t) \leftarrow \text{AS-RSI}(V_t;\, k_{t-1}, p, l, \tau,
+                k_{\min}, k_{\max}) \\
+            &\quad D_t \leftarrow G_t / (\sqrt{V_t} + \epsilon) \\
+            &\quad D_t \leftarrow D_t / \max(1, \mathrm{RMS}(D_t) / d) \\
+            &\quad \textbf{if } \beta_1 > 0: M_t \leftarrow \beta_1 M_{t-1} + (1-\beta_1) D_t;
+                \ D_t \leftarrow M_t \\
+            &\quad W_t \leftarrow W_{t-1} - \gamma (D_t + \lambda W_{t-1}) \\
+       \end{aligned}
+
+    Vectors, scalars and matrices too small to gain from factoring keep a dense
+    :math:`V_t` (``exp_avg_sq``) and follow the same update.
+
+    Paper: Zhao et al., "Adapprox: Adaptive Approximation in Adam Optimization via Randomized
+    Low-Rank Matrices", https://arxiv.org/abs/2403.14958.
+
+    What the paper fixes [paper]: randomized subspace iteration with oversampling p and power
+    iterations l; an adaptive rank within [k_min, k_max]; the first moment is optional
+    (``betas[0] = 0`` drops it); update clipping with d = 1; decoupled weight decay; no bias
+    correction; optional cosine-similarity guidance.
+
+    What this implementation decides [decided] (the paper leaves it open):
+
+    - Rank rule: after each sketch at width k + p, the smallest r in
+      [k_min, min(k + p, k_max)] with relative error <= ``tol`` (errors are free from the
+      small SVD); if none, min(k + p, k_max). Re-evaluated every ``rank_interval`` steps.
+    - k_max defaults to min(m, n) // 4 per matrix (the value behind the paper's memory numbers).
+    - Warm start: the sketch starts from the previous Q plus p fresh Gaussian directions.
+    - Q U^T is clamped at 0 before it is used (the product can dip below zero).
+    - ``first_moment="gradient"`` averages the gradient as Adam does and preconditions the
+      average; ``"update"`` averages the clipped preconditioned update (Adafactor/CAME style).
+    - Cosine guidance (off by default; a reconstruction): the step is scaled by (1 + c) / 2,
+      c = cos(clipped update, M_{t-1}).
+    - A parameter whose gradient holds NaN or Inf is skipped for that step (state and
+      weights untouched) with a ``RuntimeWarning``: a bad batch never poisons the factors.
+    - The random test matrix is a function of (seed, parameter index, step): resuming from a
+      state dict repeats the uninterrupted run bit for bit.
+
+    Args:
+        params: iterable of parameters, dicts defining parameter groups, or named parameters.
+        lr: learning rate :math:`\gamma` (float or 1-element tensor). Default: 1e-3.
+        betas: :math:`(\beta_1, \beta_2)`; :math:`\beta_1 = 0` stores no first moment.
+        eps: added to :math:`\sqrt{V}` (outside the root). Default: 1e-8.
+        weight_decay: decoupled weight decay :math:`\lambda`. Default: 0.
+        clip_threshold: d in the update clipping; ``None`` or ``inf`` disables it. Default: 1.
+        rank_init: k_0, the rank of a fresh factored moment. Default: 1.
+        rank_min: k_min. Default: 1.
+        rank_max: k_max for every matrix, or ``None`` for min(m, n) // 4 per matrix.
+        tol: relative-error target of the adaptive rank. Default: 0.05.
+        oversample: p, extra sketch columns (also the most a rank grows per evaluation).
+        power_iters: l, subspace-iteration rounds per step. Default: 1 with ``warm_start``
+            (the previous basis is already close), measured in ``benchmarks/``.
+        rank_interval: re-evaluate ranks every this many steps (1 = every step); in between
+            the rank is kept and no host synchronisation is needed for it.
+        warm_start: start each sketch from the previous factor. Default: True.
+        cosine_guidance: scale updates by (1 + cos) / 2 against the previous first moment.
+        first_moment: ``"gradient"`` (Adam's form) or ``"update"`` (Adafactor's form).
+        first_moment_dtype: storage dtype of ``exp_avg``: ``None`` (float32, float64 for
+            float64 params), ``"bfloat16"`` to save memory, or any of float16/32/64.
+        seed: seed of the random test matrices.
+        maximize: maximize the objective instead of minimizing it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, Tensor]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        clip_threshold: float | None = 1.0,
+        rank_init: int = 1,
+        rank_min: int = 1,
+        rank_max: int | None = None,
+        tol: float = 0.05,
+        oversample: int = 5,
+        power_iters: int = 1,
+        rank_interval: int = 1,
+        warm_start: bool = True,
+        cosine_guidance: bool = False,
+        first_moment: str = "gradient",
+        first_moment_dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        maximize: bool = False,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
+        elif not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if clip_threshold is not None and not clip_threshold > 0.0:
+            raise ValueError(f"Invalid clip_threshold: {clip_threshold}; use a positive number or None")
+        for name, value in (("rank_init", rank_init), ("rank_min", rank_min), ("rank_interval", rank_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
+        if rank_max is not None:
+            if isinstance(rank_max, bool) or not isinstance(rank_max, int) or rank_max < 1:
+                raise ValueError(f"Invalid rank_max: {rank_max!r}; expected an integer >= 1 or None")
+            if rank_min > rank_max:
+                raise ValueError(f"Invalid rank_min: {rank_min} exceeds rank_max {rank_max}")
+        for name, value in (("oversample", oversample), ("power_iters", power_iters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 0")
+        if not (isinstance(tol, (int, float)) and 0.0 <= tol < math.inf):
+            raise ValueError(f"Invalid tol: {tol!r}; expected a finite number >= 0")
+        if first_moment not in _FIRST_MOMENT_MODES:
+            raise ValueError(f"Invalid first_moment: {first_moment!r}; expected 'gradient' or 'update'")
+        if isinstance(first_moment_dtype, torch.dtype):
+            first_moment_dtype = str(first_moment_dtype).removeprefix("torch.")
+        if first_moment_dtype is not None and first_moment_dtype not in _FIRST_MOMENT_DTYPES:
+            raise ValueError(
+                f"Invalid first_moment_dtype: {first_moment_dtype!r}; expected None or one of "
+                f"{', '.join(_FIRST_MOMENT_DTYPES)}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            clip_threshold=clip_threshold,
+            rank_init=rank_init,
+            rank_min=rank_min,
+            rank_max=rank_max,
+            tol=float(tol),
+            oversample=oversample,
+            power_iters=power_iters,
+            rank_interval=rank_interval,
+            warm_start=bool(warm_start),
+            cosine_guidance=bool(cosine_guidance),
+            first_moment=first_moment,
+            first_moment_dtype=first_moment_dtype,
+            seed=seed,
+            maximize=bool(maximize),
+            differentiable=False,  # not supported; kept because torch adds it on unpickling
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Older state dicts may lack settings added later: fill them from the defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Tensor]],
+    ) -> None:
+        beta1 = group["betas"][0]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "Adapprox does not support sparse gradients; use dense gradients "
+                    "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam for those parameters"
+                )
+            if torch.is_complex(p):
+                raise RuntimeError(
+                    "Adapprox does not support complex parameters; optimize torch.view_as_real(param) instead"
+                )
+            state = self.state[p]
+            if "step" in state and not isinstance(state["step"], Tensor):
+                # state dicts written by other tools may hold a plain number
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            if len(state) == 0:
+                compute_dtype = _compute_dtype(p)
+                # step on the CPU as in torch.optim.AdamW: reading it needs no device sync.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if beta1 > 0:
+                    dtype_name = group["first_moment_dtype"]
+                    moment_dtype = _FIRST_MOMENT_DTYPES[dtype_name] if dtype_name else compute_dtype
+                    state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                if is_factored(p.shape, group["rank_max"]):
+                    m, n = matrix_view_shape(p.shape)
+                    k = min(group["rank_init"], m, n)
+                    # Zero factors of rank k_0: Q U^T = 0 is the zero initial moment of Adam.
+                    state["exp_avg_sq_q"] = torch.zeros(m, k, dtype=compute_dtype, device=p.device)
+                    state["exp_avg_sq_u"] = torch.zeros(n, k, dtype=compute_dtype, device=p.device)
+                else:
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=compute_dtype, memory_format=torch.preserve_format
+                    )
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform a single optimization step.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss (run with
+                gradients enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        first_index = 0
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            states: list[dict[str, Tensor]] = []
+            self._init_group(group, params, grads, states)
+            # The parameter's position in the flat order is part of its random seed.
+            position = {id(p): first_index + i for i, p in enumerate(group["params"])}
+            first_index += len(group["params"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adapprox(
+                params,
+                grads,
+                states,
+                param_indices=[position[id(p)] for p in params],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                clip_threshold=group["clip_threshold"],
+                rank_min=group["rank_min"],
+                rank_max=group["rank_max"],
+                tol=group["tol"],
+                oversample=group["oversample"],
+                power_iters=group["power_iters"],
+                rank_interval=group["rank_interval"],
+                warm_start=group["warm_start"],
+                cosine_guidance=group["cosine_guidance"],
+                first_moment=group["first_moment"],
+                seed=group["seed"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping the precision the state was saved in.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to each parameter's dtype;
+        for bf16/fp16 parameters that would round the float32 factors and first moment to 3
+        digits on every resume. The saved tensors are restored with their own dtype instead.
+        """
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        super().load_state_dict(state_dict)
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.dtype != self.state[param][key].dtype:
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+    def ranks(self) -> dict[int, int]:
+        """Current rank of every factored parameter, keyed by its flat index."""
+        result = {}
+        for index, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups)):
+            state = self.state.get(p, {})
+            if "exp_avg_sq_q" in state:
+                result[index] = state["exp_avg_sq_q"].shape[1]
+        return result
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (what a checkpoint of this optimizer stores)."""
+        return sum(
+            t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, Tensor)
+        )
+
+
+def adapprox(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    *,
+    param_indices: list[int] | None = None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_threshold: float | None,
+    rank_min: int,
+    rank_max: int | None,
+    tol: float,
+    oversample: int,
+    power_iters: int,
+    rank_interval: int,
+    warm_start: bool,
+    cosine_guidance: bool,
+    first_moment: str,
+    seed: int,
+    maximize: bool,
+) -> None:
+    """Functional Adapprox: one step over lists of parameters, gradients and their states.
+
+    Unlike ``torch.optim.adam.adam`` it takes each parameter's state dict rather than lists of
+    moment tensors, because the factors are replaced (not updated in place) when a rank changes.
+    See :class:`Adapprox` for the algorithm.
+    """
+    if param_indices is None:
+        param_indices = list(range(len(params)))
+    if isinstance(lr, Tensor):
+        lr = lr.item()
+    _single_tensor_adapprox(
+        params,
+        grads,
+        states,
+        param_indices,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        clip_threshold=clip_threshold,
+        rank_min=rank_min,
+        rank_max=rank_max,
+        tol=tol,
+        oversample=oversample,
+        power_iters=power_iters,
+        rank_interval=rank_interval,
+        warm_start=warm_start,
+        cosine_guidance=cosine_guidance,
+        first_moment=first_moment,
+        seed=seed,
+        maximize=maximize,
+    )
+
+
+def _finite_flags(grads: list[Tensor]) -> list[bool]:
+    # One host sync for the whole list, not one per parameter.
+    if not grads:
+        return []
+    checks = [torch.isfinite(g).all().to(device=grads[0].device) for g in grads]
+    return torch.stack(checks).tolist()
+
+
+def _clip(update: Tensor, clip_threshold: float | None) -> Tensor:
+    """update / max(1, RMS(update) / d), computed without a host sync."""
+    if clip_threshold is None or math.isinf(clip_threshold) or update.numel() == 0:
+        return update
+    rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
+    return update / torch.clamp(rms / clip_threshold, min=1.0)
+
+
+def _cosine_scale(update: Tensor, previous_moment: Tensor) -> Tensor:
+    """(1 + cos(update, M_{t-1})) / 2; 1 when M_{t-1} is zero (nothing to be guided by)."""
+    prev = previous_moment.to(update.dtype)
+    dot = torch.sum(update * prev)
+    norms = torch.linalg.vector_norm(update) * torch.linalg.vector_norm(prev)
+    cosine = torch.where(norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.ones_like(dot))
+    return (1.0 + cosine) / 2.0
+
+
+def _single_tensor_adapprox(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Tensor]],
+    param_indices: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_threshold: float | None,
+    rank_min: int,
+    rank_max: int | None,
+    tol: float,
+    oversample: int,
+    power_iters: int,
+    rank_interval: int,
+    warm_start: bool,
+    cosine_guidance: bool,
+    first_moment: str,
+    seed: int,
+    maximize: bool,
+) -> None:
+    finite = _finite_flags(grads)
+    # Rank choices wait for one sync at the end of the step: (state, Q_s, U_s, errors, k, k_max).
+    pending_ranks: list[tuple[dict[str, Tensor], Tensor, Tensor, Tensor, int, int]] = []
+
+    for param, grad, state, index, is_finite in zip(params, grads, states, param_indices, finite):
+        if not is_finite:
+            warnings.warn(
+                f"Adapprox: gradient of parameter {index} (shape {tuple(param.shape)}) holds NaN or Inf; "
+                "its step is skipped and its state left unchanged",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            continue
+        # Out of place: a state dict loaded without a deep copy shares this tensor with its source.
+        state["step"] = state["step"] + 1
+        if param.numel() == 0:
+            continue
+        compute_dtype = _compute_dtype(param)
+        g = grad.to(compute_dtype)
+        if maximize:
+            g = -g
+        step = int(state["step"].item())  # a CPU tensor: no device sync
+
+        if "exp_avg_sq_q" in state:
+            m, n = matrix_view_shape(param.shape)
+            g2d = g.reshape(m, n)
+            q_prev, u_prev = state["exp_avg_sq_q"], state["exp_avg_sq_u"]
+            # [paper] rebuild V densely (one matrix at a time); [decided] clamp the product at 0.
+            v = torch.clamp(q_prev @ u_prev.T, min=0.0).mul_(beta2).addcmul_(g2d, g2d, value=1.0 - beta2)
+            current_rank = q_prev.shape[1]
+            k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+            generator = torch.Generator(device=v.device).manual_seed(_seed_for(seed, index, step))
+            warm = q_prev if warm_start and step > 1 else None
+            q_s, u_s, _, errors = _srsi(v, min(current_rank, k_max), oversample, power_iters, generator, warm)
+            if (step - 1) % rank_interval == 0:
+                pending_ranks.append((state, q_s, u_s, errors, current_rank, k_max))
+            else:
+                k = min(current_rank, k_max, q_s.shape[1])
+                state["exp_avg_sq_q"] = q_s[:, :k].contiguous()
+                state["exp_avg_sq_u"] = u_s[:, :k].contiguous()
+            denom = v.sqrt_().add_(eps).reshape(param.shape)
+            del v
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(eps)
+
+        if beta1 > 0:
+            exp_avg = state["exp_avg"]
+            previous = exp_avg.clone() if cosine_guidance else None
+            if first_moment == "gradient":
+                # Adam's form: average the gradient, then precondition and clip the average.
+                exp_avg.lerp_(g.to(exp_avg.dtype), 1.0 - beta1)
+                update = _clip(exp_avg.to(compute_dtype) / denom, clip_threshold)
+            else:
+                # Adafactor/CAME's form: average the clipped, preconditioned update.
+                clipped = _clip(g / denom, clip_threshold)
+                exp_avg.lerp_(clipped.to(exp_avg.dtype), 1.0 - beta1)
+                update = exp_avg.to(compute_dtype)
+            if previous is not None:
+                update = update * _cosine_scale(_clip(g / denom, clip_threshold), previous)
+        else:
+            update = _clip(g / denom, clip_threshold)
+
+        # [paper] decoupled weight decay: W <- W - lr (D + wd W).
+        if weight_decay != 0:
+            param.mul_(1.0 - lr * weight_decay)
+        param.add_(update.to(param.dtype), alpha=-lr)
+
+    if pending_ranks:
+        _apply_rank_choices(pending_ranks, rank_min=rank_min, oversample=oversample, tol=tol)
+
+
+def _apply_rank_choices(
+    pending: list[tuple[dict[str, Tensor], Tensor, Tensor, Tensor, int, int]],
+    *,
+    rank_min: int,
+    oversample: int,
+    tol: float,
+) -> None:
+    """AS-RSI rank selection for every matrix re-evaluated this step, with one host sync."""
+    all_errors = torch.cat([errors for _, _, _, errors, _, _ in pending]).tolist()
+    offset = 0
+    for state, q_s, u_s, errors, current_rank, k_max in pending:
+        width = errors.shape[0]
+        k = adaptive_rank(
+            all_errors[offset : offset + width],
+            current_rank,
+            rank_min=min(rank_min, k_max),
+            rank_max=k_max,
+            oversample=oversample,
+            tol=tol,
+        )
+        offset += width
+        state["exp_avg_sq_q"] = q_s[:, :k].contiguous()
+        state["exp_avg_sq_u"] = u_s[:, :k].contiguous()

@@ -1,0 +1,98 @@
+"""Rich consoles, tables and progress bars: used by the CLI layer only.
+
+Results go to stdout; logs, warnings and progress go to stderr so that ``--json`` output on
+stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@functools.cache
+def stdout_console() -> Console:
+    return Console(highlight=False)
+
+
+@functools.cache
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    stderr_console().print(message, highlight=False, soft_wrap=True)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN/Infinity: scripts reading our output must get valid JSON.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output on stdout (plain print: no Rich markup or wrapping)."""
+    print(json.dumps(_finite(data), indent=2, default=_json_default))
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right_from: int = 1) -> Table:
+    """A simple table: text columns left, numeric columns (index >= right_from) right-aligned."""
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="right" if i >= right_from else "left", no_wrap=i < right_from)
+    for row in rows:
+        t.add_row(*[str(c) for c in row])
+    return t
+
+
+def progress(enabled: bool = True) -> Progress:
+    """A progress bar on stderr; disabled when asked (``--json``) or when stderr is not a terminal."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def track(items: Sequence[Any], description: str, enabled: bool = True) -> Iterator[Any]:
+    with progress(enabled) as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,259 @@
+"""lowrank.py against ground truth: exact SVD (Eckart-Young), hand-computed peers, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapprox_cli import lowrank
+
+
+def second_moment(m: int, n: int, rank: int = 6, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """A non-negative matrix shaped like a real Adam second moment: an EMA of squared gradients
+    whose rows and columns carry different scales, plus noise (decaying spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.zeros(m, n, dtype=dtype)
+    row_scale = torch.rand(m, 1, generator=g, dtype=dtype) * 3
+    col_scale = torch.rand(1, n, generator=g, dtype=dtype) * 3
+    for _ in range(20):
+        grad = (torch.randn(m, rank, generator=g, dtype=dtype) @ torch.randn(rank, n, generator=g, dtype=dtype)) / rank
+        grad = grad * row_scale * col_scale + 0.05 * torch.randn(m, n, generator=g, dtype=dtype)
+        v = 0.9 * v + 0.1 * grad.square()
+    return v
+
+
+def exact_error(v: torch.Tensor, k: int) -> float:
+    s = torch.linalg.svdvals(v.double())
+    return float(s[k:].square().sum().sqrt() / s.square().sum().sqrt())
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_srsi_matches_exact_svd_error(shape, dtype, k):
+    v = second_moment(*shape, dtype=dtype)
+    f = lowrank.srsi(v, k, oversample=5, power_iters=5, generator=torch.Generator().manual_seed(1))
+    assert f.q.shape == (shape[0], k) and f.u.shape == (shape[1], k)
+    assert f.q.dtype == dtype and f.u.dtype == dtype
+    ours = lowrank.relative_error(v, f.reconstruct())
+    optimum = exact_error(v, k)
+    assert ours >= optimum * (1 - 1e-6)
+    assert ours <= optimum * 1.01 + 1e-6
+    # The free error of the returned rank equals the measured error.
+    assert f.error == pytest.approx(ours, rel=1e-3, abs=1e-5)
+
+
+def test_srsi_q_is_orthonormal_and_errors_match_every_rank():
+    v = second_moment(80, 60)
+    f = lowrank.srsi(v, 8, oversample=4, power_iters=3, generator=torch.Generator().manual_seed(0))
+    eye = torch.eye(8, dtype=v.dtype)
+    torch.testing.assert_close(f.q.T @ f.q, eye, atol=1e-10, rtol=0)
+    assert f.singular_values.shape == (12,)
+    assert torch.all(f.relative_errors[1:] <= f.relative_errors[:-1] + 1e-12)
+    # errors of ranks inside the sketch are exact for the projection onto the sketch's leading
+    # directions, which with enough iterations are the true singular directions.
+    truth = torch.tensor([exact_error(v, r) for r in range(1, 13)], dtype=torch.float64)
+    torch.testing.assert_close(f.relative_errors[:8], truth[:8], rtol=1e-3, atol=1e-8)
+
+
+def test_truncated_svd_is_eckart_young_optimum():
+    v = second_moment(50, 30)
+    for k in (1, 3, 10, 30):
+        f = lowrank.truncated_svd(v, k)
+        assert lowrank.relative_error(v, f.reconstruct()) == pytest.approx(exact_error(v, k), abs=1e-12)
+    assert len(f.relative_errors) == 30 and float(f.relative_errors[-1]) == pytest.approx(0, abs=1e-7)
+
+
+def test_svd_lowrank_wrapper_is_reproducible_and_leaves_global_rng_alone():
+    v = second_moment(70, 50)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = lowrank.svd_lowrank(v, 4, generator=torch.Generator().manual_seed(5))
+    b = lowrank.svd_lowrank(v, 4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.q, b.q) and torch.equal(a.u, b.u)
+    assert lowrank.relative_error(v, a.reconstruct()) <= exact_error(v, 4) * 1.05
+
+
+def test_warm_start_reaches_exact_error_with_one_iteration():
+    v = second_moment(90, 70)
+    cold = lowrank.srsi(v, 5, power_iters=5, generator=torch.Generator().manual_seed(0))
+    # The next "step": V changes slightly; start from the previous basis with a single round.
+    v_next = 0.999 * v + 0.001 * second_moment(90, 70, seed=7)
+    warm = lowrank.srsi(v_next, 5, power_iters=1, warm_start=cold.q, generator=torch.Generator().manual_seed(1))
+    assert lowrank.relative_error(v_next, warm.reconstruct()) <= exact_error(v_next, 5) * 1.01
+
+
+def test_seeded_srsi_is_deterministic():
+    v = second_moment(40, 30, dtype=torch.float32)
+    a = lowrank.srsi(v, 3, generator=torch.Generator().manual_seed(9))
+    b = lowrank.srsi(v, 3, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a.q, b.q) and torch.equal(a.u, b.u)
+
+
+def test_adaptive_rank_rule():
+    errors = [0.5, 0.2, 0.09, 0.04, 0.01, 0.005, 0.001]
+    # smallest r within [k_min, min(k + p, k_max)] meeting tol
+    assert lowrank.adaptive_rank(errors, 2, rank_min=1, rank_max=10, oversample=5, tol=0.05) == 4
+    # shrinks at once when fewer directions suffice
+    assert lowrank.adaptive_rank(errors, 6, rank_min=1, rank_max=10, oversample=1, tol=0.1) == 3
+    # none qualifies: grow by at most p
+    assert lowrank.adaptive_rank(errors, 1, rank_min=1, rank_max=10, oversample=2, tol=1e-6) == 3
+    # capped by k_max
+    assert lowrank.adaptive_rank(errors, 1, rank_min=1, rank_max=2, oversample=5, tol=1e-6) == 2
+    # never below k_min
+    assert lowrank.adaptive_rank(errors, 1, rank_min=3, rank_max=10, oversample=5, tol=0.9) == 3
+
+
+def test_as_rsi_converges_to_smallest_rank_meeting_tol():
+    v = second_moment(100, 80, rank=4)
+    # a tolerance halfway between the exact errors of ranks 5 and 6: the answer is rank 6
+    tol = (exact_error(v, 5) + exact_error(v, 6)) / 2
+    truth = 6
+    rank, warm = 1, None
+    for step in range(10):
+        f = lowrank.as_rsi(v, rank, tol=tol, rank_max=20, generator=torch.Generator().manual_seed(step), warm_start=warm)
+        rank, warm = f.rank, f.q
+    assert rank == truth
+    assert f.error <= tol
+
+
+def test_rank_clamps_to_matrix_size():
+    v = second_moment(6, 4)
+    for fn in (lambda: lowrank.srsi(v, 50), lambda: lowrank.truncated_svd(v, 50), lambda: lowrank.svd_lowrank(v, 50)):
+        f = fn()
+        assert f.rank == 4
+        assert lowrank.relative_error(v, f.reconstruct()) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(1, 17), (17, 1), (1, 1)])
+def test_vectors_as_matrices(shape):
+    v = second_moment(*shape) + 0.1
+    for f in (lowrank.srsi(v, 1), lowrank.truncated_svd(v, 1), lowrank.svd_lowrank(v, 1)):
+        assert lowrank.relative_error(v, f.reconstruct()) < 1e-6
+    assert lowrank.relative_error(v, lowrank.adafactor_rank1(v)) < 1e-12
+
+
+def test_zero_matrix_gives_zero_error_and_no_nan():
+    v = torch.zeros(30, 20)
+    for f in (lowrank.srsi(v, 3), lowrank.truncated_svd(v, 3), lowrank.svd_lowrank(v, 3), lowrank.as_rsi(v, 1)):
+        assert not torch.isnan(f.q).any() and not torch.isnan(f.u).any()
+        assert torch.all(f.relative_errors == 0)
+        assert lowrank.relative_error(v, f.reconstruct()) == 0.0
+    for approx in (lowrank.adafactor_rank1(v), lowrank.smmf_rank1(v), lowrank.adam_mini_blocks(v), lowrank.sm3_cover(v)):
+        assert torch.equal(approx, v)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.ones(3), "matrix"),
+        (torch.ones(2, 3, 4), "matrix"),
+        (torch.tensor([[1.0, float("nan")]]), "NaN or Inf"),
+        (torch.tensor([[1.0, float("inf")]]), "NaN or Inf"),
+        (torch.ones(2, 2, dtype=torch.int64), "floating"),
+        (torch.ones(2, 2, dtype=torch.complex64), "floating"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        lowrank.srsi(bad, 1)
+    with pytest.raises(ValueError, match=message):
+        lowrank.adafactor_rank1(bad)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True])
+def test_bad_rank(rank):
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        lowrank.srsi(torch.ones(3, 3), rank)
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        lowrank.truncated_svd(torch.ones(3, 3), rank)
+
+
+def test_bf16_input_is_factored_in_float32():
+    v = second_moment(20, 10, dtype=torch.float32).bfloat16()
+    f = lowrank.srsi(v, 2)
+    assert f.q.dtype == torch.float32
+
+
+def test_adafactor_rank1_formula_and_bound():
+    v = second_moment(30, 20)
+    approx = lowrank.adafactor_rank1(v)
+    r, c = v.mean(1), v.mean(0)
+    torch.testing.assert_close(approx, torch.outer(r, c) / r.mean())
+    # it preserves row and column sums exactly (the KL-optimal rank-1 NNMF property)
+    torch.testing.assert_close(approx.sum(1), v.sum(1))
+    torch.testing.assert_close(approx.sum(0), v.sum(0))
+    assert lowrank.relative_error(v, approx) >= exact_error(v, 1) - 1e-12
+    # exact for a rank-1 non-negative matrix
+    outer = torch.outer(torch.rand(7, dtype=torch.float64) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1)
+    torch.testing.assert_close(lowrank.adafactor_rank1(outer), outer)
+
+
+def test_square_matricize_matches_smmf_rule():
+    # Values from SMMF's _get_effective_shape: perfect squares, largest divisor <= sqrt, primes.
+    assert lowrank.square_matricize_shape(108) == (12, 9)
+    assert lowrank.square_matricize_shape(1440) == (40, 36)
+    assert lowrank.square_matricize_shape(10) == (5, 2)
+    assert lowrank.square_matricize_shape(4) == (2, 2)
+    assert lowrank.square_matricize_shape(13) == (13, 1)
+
+
+def test_smmf_equals_adafactor_on_the_square_shape():
+    v = second_moment(12, 12)  # numel 144 -> (12, 12): same shape, so SMMF == Adafactor here
+    torch.testing.assert_close(lowrank.smmf_rank1(v), lowrank.adafactor_rank1(v))
+    w = second_moment(8, 18)  # 144 -> (12, 12) reshape: differs from the 8x18 factorization
+    square = w.reshape(12, 12)
+    expected = (torch.outer(square.sum(1), square.sum(0)) / square.sum()).reshape(8, 18)
+    torch.testing.assert_close(lowrank.smmf_rank1(w), expected)
+
+
+def test_adam_mini_blocks():
+    v = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    rows = lowrank.adam_mini_blocks(v, "row")
+    torch.testing.assert_close(rows[:, 0], v.mean(1))
+    heads = lowrank.adam_mini_blocks(v, "head", num_heads=2)
+    torch.testing.assert_close(heads[0, 0], v[:2].mean())
+    torch.testing.assert_close(heads[3, 5], v[2:].mean())
+    whole = lowrank.adam_mini_blocks(v, "tensor")
+    assert torch.all(whole == v.mean())
+    with pytest.raises(ValueError, match="num_heads"):
+        lowrank.adam_mini_blocks(v, "head", num_heads=3)
+
+
+def test_sm3_cover_is_an_upper_bound_and_exact_where_row_and_col_max_meet():
+    v = second_moment(15, 9)
+    approx = lowrank.sm3_cover(v)
+    assert torch.all(approx >= v)
+    i = int(v.argmax() // 9)
+    j = int(v.argmax() % 9)
+    assert approx[i, j] == v[i, j]
+
+
+def test_matrix_view_shape():
+    assert lowrank.matrix_view_shape((8, 3, 3, 3)) == (8, 27)
+    assert lowrank.matrix_view_shape((5, 4)) == (5, 4)
+    assert lowrank.matrix_view_shape((5,)) is None
+    assert lowrank.matrix_view_shape(()) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    k=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_srsi_never_beats_the_optimum_and_stays_close(m, n, k, seed):
+    v = second_moment(m, n, rank=3, seed=seed)
+    f = lowrank.srsi(v, k, oversample=5, power_iters=5, generator=torch.Generator().manual_seed(seed))
+    rank = min(k, m, n)
+    ours = lowrank.relative_error(v, f.reconstruct())
+    optimum = exact_error(v, rank)
+    assert math.isfinite(ours)
+    assert ours >= optimum - 1e-9
+    assert ours <= optimum * 1.01 + 1e-7
