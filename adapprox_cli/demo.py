@@ -24,7 +24,9 @@ class DemoRun:
 
 
 def _mlp(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 16))
+    return nn.Sequential(
+        nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 16)
+    )
 
 
 def run_demo(steps: int = 200, width: int = 192, seed: int = 0) -> list[DemoRun]:

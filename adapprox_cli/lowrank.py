@@ -307,7 +307,9 @@ def as_rsi(
         return _empty_factors(v, 0)
     sketch_rank = min(current_rank, rank_max)
     q, u, s, errors = _srsi(v, sketch_rank, oversample, power_iters, generator, warm_start)
-    k = adaptive_rank(errors, sketch_rank, rank_min=rank_min, rank_max=rank_max, oversample=oversample, tol=tol)
+    k = adaptive_rank(
+        errors, sketch_rank, rank_min=rank_min, rank_max=rank_max, oversample=oversample, tol=tol
+    )
     return LowRankFactors(q[:, :k], u[:, :k], s, errors)
 
 

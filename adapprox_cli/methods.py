@@ -72,7 +72,9 @@ METHODS: dict[str, ApproximationMethod] = {
             "srsi",
             "S-RSI (Adapprox's randomized subspace iteration) at the rank, with oversampling and power iterations",
             lambda v, s: _low_rank(
-                lowrank.srsi(v, s.rank, oversample=s.oversample, power_iters=s.power_iters, generator=s.generator)
+                lowrank.srsi(
+                    v, s.rank, oversample=s.oversample, power_iters=s.power_iters, generator=s.generator
+                )
             ),
         ),
         ApproximationMethod(

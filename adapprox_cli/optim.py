@@ -54,7 +54,9 @@ def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None
 def _seed_for(seed: int, param_index: int, step: int) -> int:
     # [decided] The Gaussian test matrix is a pure function of (seed, parameter index, step), so
     # a resumed run draws exactly what the uninterrupted one drew, without storing generators.
-    mixed = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % (2**64)
+    mixed = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % (
+        2**64
+    )
     mixed ^= mixed >> 31
     return mixed % (2**63)
 
@@ -163,9 +165,9 @@ class Adapprox(Optimizer):
         if isinstance(lr, Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
-        elif not 0.0 <= lr:
+        elif not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
+        if not eps >= 0.0:
             raise ValueError(f"Invalid epsilon value: {eps}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
@@ -173,11 +175,15 @@ class Adapprox(Optimizer):
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
+        if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if clip_threshold is not None and not clip_threshold > 0.0:
             raise ValueError(f"Invalid clip_threshold: {clip_threshold}; use a positive number or None")
-        for name, value in (("rank_init", rank_init), ("rank_min", rank_min), ("rank_interval", rank_interval)):
+        for name, value in (
+            ("rank_init", rank_init),
+            ("rank_min", rank_min),
+            ("rank_interval", rank_interval),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
         if rank_max is not None:
@@ -262,7 +268,9 @@ class Adapprox(Optimizer):
                 if beta1 > 0:
                     dtype_name = group["first_moment_dtype"]
                     moment_dtype = _FIRST_MOMENT_DTYPES[dtype_name] if dtype_name else compute_dtype
-                    state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=moment_dtype, memory_format=torch.preserve_format
+                    )
                 if is_factored(p.shape, group["rank_max"]):
                     m, n = matrix_view_shape(p.shape)
                     k = min(group["rank_init"], m, n)
@@ -339,7 +347,11 @@ class Adapprox(Optimizer):
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if key != "step" and isinstance(value, Tensor) and value.dtype != self.state[param][key].dtype:
+                if (
+                    key != "step"
+                    and isinstance(value, Tensor)
+                    and value.dtype != self.state[param][key].dtype
+                ):
                     self.state[param][key] = value.to(device=param.device, copy=True)
 
     def ranks(self) -> dict[int, int]:
@@ -354,7 +366,10 @@ class Adapprox(Optimizer):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (what a checkpoint of this optimizer stores)."""
         return sum(
-            t.numel() * t.element_size() for s in self.state.values() for t in s.values() if isinstance(t, Tensor)
+            t.numel() * t.element_size()
+            for s in self.state.values()
+            for t in s.values()
+            if isinstance(t, Tensor)
         )
 
 
@@ -438,7 +453,9 @@ def _cosine_scale(update: Tensor, previous_moment: Tensor) -> Tensor:
     prev = previous_moment.to(update.dtype)
     dot = torch.sum(update * prev)
     norms = torch.linalg.vector_norm(update) * torch.linalg.vector_norm(prev)
-    cosine = torch.where(norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.ones_like(dot))
+    cosine = torch.where(
+        norms > 0, dot / torch.where(norms > 0, norms, torch.ones_like(norms)), torch.ones_like(dot)
+    )
     return (1.0 + cosine) / 2.0
 
 

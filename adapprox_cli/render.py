@@ -59,7 +59,9 @@ def print_json(data: Any) -> None:
     print(json.dumps(_finite(data), indent=2, default=_json_default))
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right_from: int = 1) -> Table:
+def table(
+    title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, right_from: int = 1
+) -> Table:
     """A simple table: text columns left, numeric columns (index >= right_from) right-aligned."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for i, col in enumerate(columns):

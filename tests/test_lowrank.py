@@ -20,7 +20,9 @@ def second_moment(m: int, n: int, rank: int = 6, seed: int = 0, dtype=torch.floa
     row_scale = torch.rand(m, 1, generator=g, dtype=dtype) * 3
     col_scale = torch.rand(1, n, generator=g, dtype=dtype) * 3
     for _ in range(20):
-        grad = (torch.randn(m, rank, generator=g, dtype=dtype) @ torch.randn(rank, n, generator=g, dtype=dtype)) / rank
+        grad = (
+            torch.randn(m, rank, generator=g, dtype=dtype) @ torch.randn(rank, n, generator=g, dtype=dtype)
+        ) / rank
         grad = grad * row_scale * col_scale + 0.05 * torch.randn(m, n, generator=g, dtype=dtype)
         v = 0.9 * v + 0.1 * grad.square()
     return v
@@ -84,7 +86,9 @@ def test_warm_start_reaches_exact_error_with_one_iteration():
     cold = lowrank.srsi(v, 5, power_iters=5, generator=torch.Generator().manual_seed(0))
     # The next "step": V changes slightly; start from the previous basis with a single round.
     v_next = 0.999 * v + 0.001 * second_moment(90, 70, seed=7)
-    warm = lowrank.srsi(v_next, 5, power_iters=1, warm_start=cold.q, generator=torch.Generator().manual_seed(1))
+    warm = lowrank.srsi(
+        v_next, 5, power_iters=1, warm_start=cold.q, generator=torch.Generator().manual_seed(1)
+    )
     assert lowrank.relative_error(v_next, warm.reconstruct()) <= exact_error(v_next, 5) * 1.01
 
 
@@ -116,7 +120,9 @@ def test_as_rsi_converges_to_smallest_rank_meeting_tol():
     truth = 6
     rank, warm = 1, None
     for step in range(10):
-        f = lowrank.as_rsi(v, rank, tol=tol, rank_max=20, generator=torch.Generator().manual_seed(step), warm_start=warm)
+        f = lowrank.as_rsi(
+            v, rank, tol=tol, rank_max=20, generator=torch.Generator().manual_seed(step), warm_start=warm
+        )
         rank, warm = f.rank, f.q
     assert rank == truth
     assert f.error <= tol
@@ -124,7 +130,11 @@ def test_as_rsi_converges_to_smallest_rank_meeting_tol():
 
 def test_rank_clamps_to_matrix_size():
     v = second_moment(6, 4)
-    for fn in (lambda: lowrank.srsi(v, 50), lambda: lowrank.truncated_svd(v, 50), lambda: lowrank.svd_lowrank(v, 50)):
+    for fn in (
+        lambda: lowrank.srsi(v, 50),
+        lambda: lowrank.truncated_svd(v, 50),
+        lambda: lowrank.svd_lowrank(v, 50),
+    ):
         f = fn()
         assert f.rank == 4
         assert lowrank.relative_error(v, f.reconstruct()) < 1e-6
@@ -140,11 +150,21 @@ def test_vectors_as_matrices(shape):
 
 def test_zero_matrix_gives_zero_error_and_no_nan():
     v = torch.zeros(30, 20)
-    for f in (lowrank.srsi(v, 3), lowrank.truncated_svd(v, 3), lowrank.svd_lowrank(v, 3), lowrank.as_rsi(v, 1)):
+    for f in (
+        lowrank.srsi(v, 3),
+        lowrank.truncated_svd(v, 3),
+        lowrank.svd_lowrank(v, 3),
+        lowrank.as_rsi(v, 1),
+    ):
         assert not torch.isnan(f.q).any() and not torch.isnan(f.u).any()
         assert torch.all(f.relative_errors == 0)
         assert lowrank.relative_error(v, f.reconstruct()) == 0.0
-    for approx in (lowrank.adafactor_rank1(v), lowrank.smmf_rank1(v), lowrank.adam_mini_blocks(v), lowrank.sm3_cover(v)):
+    for approx in (
+        lowrank.adafactor_rank1(v),
+        lowrank.smmf_rank1(v),
+        lowrank.adam_mini_blocks(v),
+        lowrank.sm3_cover(v),
+    ):
         assert torch.equal(approx, v)
 
 

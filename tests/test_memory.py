@@ -43,7 +43,10 @@ def test_paper_savings_reproduced_exactly(preset, k_max):
         saving = memory.state_size(shapes, rank, first_moment=first_moment)["saving_percent"]
         assert round(saving, 2) == paper[key], key
     # k_max is min(m, n) // 4 everywhere in these models: rank=None means the same
-    assert memory.state_size(shapes, None)["saving_percent"] == memory.state_size(shapes, k_max)["saving_percent"]
+    assert (
+        memory.state_size(shapes, None)["saving_percent"]
+        == memory.state_size(shapes, k_max)["saving_percent"]
+    )
 
 
 def test_accounting_matches_a_real_optimizer_state():

@@ -4,7 +4,6 @@ every optimizer for. Every test runs on the CPU, and on CUDA when a GPU is prese
 from __future__ import annotations
 
 import copy
-import io
 import math
 import pickle
 import warnings
@@ -28,7 +27,9 @@ def device(request):
 # --------------------------------------------------------------------------- reference
 
 
-def structured_gradients(m: int, n: int, steps: int, seed: int, dtype=torch.float64, noise=0.01) -> list[torch.Tensor]:
+def structured_gradients(
+    m: int, n: int, steps: int, seed: int, dtype=torch.float64, noise=0.01
+) -> list[torch.Tensor]:
     """Gradients with per-row/per-column scales, two directions and a little noise, so that the
     second moment has a clear spectral gap (S-RSI then finds the exact SVD subspace)."""
     g = torch.Generator().manual_seed(seed)
@@ -48,7 +49,10 @@ def reference_step(w, g, state, *, lr, beta1, beta2, eps, wd, clip, tol, k_max, 
     v = beta2 * v_prev + (1 - beta2) * g * g
     s = torch.linalg.svdvals(v)
     total = (v * v).sum()
-    errors = [math.sqrt(max(float(total - (s[:r] ** 2).sum()), 0.0)) / math.sqrt(float(total)) for r in range(1, len(s) + 1)]
+    errors = [
+        math.sqrt(max(float(total - (s[:r] ** 2).sum()), 0.0)) / math.sqrt(float(total))
+        for r in range(1, len(s) + 1)
+    ]
     k = state["rank"]
     top = min(k + oversample, k_max)
     new_k = next((r for r in range(1, top + 1) if errors[r - 1] <= tol), top)
@@ -81,16 +85,31 @@ def test_matches_reference_step_for_step(device, first_moment, beta1):
     w0 = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     ref_w = w0.clone()
-    ref_state = {"approx": torch.zeros(m, n, dtype=torch.float64), "rank": 1, "m": torch.zeros(m, n, dtype=torch.float64)}
+    ref_state = {
+        "approx": torch.zeros(m, n, dtype=torch.float64),
+        "rank": 1,
+        "m": torch.zeros(m, n, dtype=torch.float64),
+    }
     param = nn.Parameter(w0.clone().to(device))
     opt = Adapprox(
-        [param], lr=settings["lr"], betas=(beta1, 0.99), eps=settings["eps"], weight_decay=settings["wd"],
-        clip_threshold=settings["clip"], tol=settings["tol"], rank_max=settings["k_max"],
-        oversample=settings["oversample"], power_iters=6, warm_start=False, first_moment=first_moment,
+        [param],
+        lr=settings["lr"],
+        betas=(beta1, 0.99),
+        eps=settings["eps"],
+        weight_decay=settings["wd"],
+        clip_threshold=settings["clip"],
+        tol=settings["tol"],
+        rank_max=settings["k_max"],
+        oversample=settings["oversample"],
+        power_iters=6,
+        warm_start=False,
+        first_moment=first_moment,
     )
     ranks = []
     for g in grads:
-        ref_w = reference_step(ref_w, g, ref_state, beta1=beta1, beta2=0.99, first_moment=first_moment, **settings)
+        ref_w = reference_step(
+            ref_w, g, ref_state, beta1=beta1, beta2=0.99, first_moment=first_moment, **settings
+        )
         param.grad = g.to(device)
         opt.step()
         assert opt.ranks()[0] == ref_state["rank"]
@@ -103,21 +122,47 @@ def test_matches_reference_step_for_step(device, first_moment, beta1):
 def test_full_rank_factored_path_equals_dense_path():
     m, n = 12, 9
     grads = structured_gradients(m, n, 10, seed=1)
-    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, clip_threshold=1.0, rank_min=1,
-                  rank_max=n, tol=0.0, oversample=2, power_iters=2, rank_interval=1, warm_start=True,
-                  cosine_guidance=False, first_moment="gradient", seed=0, maximize=False)
+    kwargs = dict(
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.01,
+        clip_threshold=1.0,
+        rank_min=1,
+        rank_max=n,
+        tol=0.0,
+        oversample=2,
+        power_iters=2,
+        rank_interval=1,
+        warm_start=True,
+        cosine_guidance=False,
+        first_moment="gradient",
+        seed=0,
+        maximize=False,
+    )
     w_dense = torch.ones(m, n, dtype=torch.float64)
     w_factored = w_dense.clone()
-    step = lambda: torch.tensor(0.0)  # noqa: E731
-    dense = {"step": step(), "exp_avg": torch.zeros(m, n, dtype=torch.float64), "exp_avg_sq": torch.zeros(m, n, dtype=torch.float64)}
-    factored = {"step": step(), "exp_avg": torch.zeros(m, n, dtype=torch.float64),
-                "exp_avg_sq_q": torch.zeros(m, n, dtype=torch.float64), "exp_avg_sq_u": torch.zeros(n, n, dtype=torch.float64)}
+    step = lambda: torch.tensor(0.0)
+    dense = {
+        "step": step(),
+        "exp_avg": torch.zeros(m, n, dtype=torch.float64),
+        "exp_avg_sq": torch.zeros(m, n, dtype=torch.float64),
+    }
+    factored = {
+        "step": step(),
+        "exp_avg": torch.zeros(m, n, dtype=torch.float64),
+        "exp_avg_sq_q": torch.zeros(m, n, dtype=torch.float64),
+        "exp_avg_sq_u": torch.zeros(n, n, dtype=torch.float64),
+    }
     for g in grads:
         adapprox([w_dense], [g], [dense], **kwargs)
         adapprox([w_factored], [g], [factored], **kwargs)
         assert factored["exp_avg_sq_q"].shape[1] == n
         torch.testing.assert_close(w_factored, w_dense, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(factored["exp_avg_sq_q"] @ factored["exp_avg_sq_u"].T, dense["exp_avg_sq"], rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(
+        factored["exp_avg_sq_q"] @ factored["exp_avg_sq_u"].T, dense["exp_avg_sq"], rtol=1e-9, atol=1e-14
+    )
 
 
 # --------------------------------------------------------------------------- generic properties
@@ -136,7 +181,16 @@ def _linear_problem(device, noncontiguous=False):
 
 
 @pytest.mark.parametrize("noncontiguous", [False, True])
-@pytest.mark.parametrize("config", [{}, {"betas": (0.0, 0.999)}, {"first_moment": "update"}, {"cosine_guidance": True}, {"weight_decay": 0.1}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"betas": (0.0, 0.999)},
+        {"first_moment": "update"},
+        {"cosine_guidance": True},
+        {"weight_decay": 0.1},
+    ],
+)
 def test_goes_right_direction(device, noncontiguous, config):
     weight, bias, x = _linear_problem(device, noncontiguous)
     opt = Adapprox([weight, bias], lr=1e-2, **config)
@@ -224,7 +278,9 @@ def _train(model, opt, steps, device, start=0):
 def _make(device, dtype=torch.float32, **kwargs):
     torch.manual_seed(0)
     model = SmallNet().to(device=device, dtype=dtype)
-    opt = Adapprox(model.parameters(), lr=3e-3, tol=0.02, rank_max=6, oversample=2, weight_decay=0.01, **kwargs)
+    opt = Adapprox(
+        model.parameters(), lr=3e-3, tol=0.02, rank_max=6, oversample=2, weight_decay=0.01, **kwargs
+    )
     return model, opt
 
 
@@ -243,7 +299,10 @@ def test_every_parameter_kind_steps(device):
         assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("config", [{}, {"rank_interval": 3}, {"betas": (0.0, 0.99)}, {"first_moment": "update", "cosine_guidance": True}])
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"rank_interval": 3}, {"betas": (0.0, 0.99)}, {"first_moment": "update", "cosine_guidance": True}],
+)
 def test_state_dict_round_trip_is_bit_exact(device, config):
     model, opt = _make(device, **config)
     _train(model, opt, 10, device)
@@ -303,12 +362,16 @@ def test_load_nontensor_step(device):
 
 
 def test_deepcopy_and_pickle_keep_every_setting(device):
-    model, opt = _make(device, cosine_guidance=True, first_moment="update", seed=7, first_moment_dtype="bfloat16")
+    model, opt = _make(
+        device, cosine_guidance=True, first_moment="update", seed=7, first_moment_dtype="bfloat16"
+    )
     _train(model, opt, 2, device)
     for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert copied.defaults == opt.defaults
         for g1, g2 in zip(copied.param_groups, opt.param_groups):
-            assert {k: v for k, v in g1.items() if k != "params"} == {k: v for k, v in g2.items() if k != "params"}
+            assert {k: v for k, v in g1.items() if k != "params"} == {
+                k: v for k, v in g2.items() if k != "params"
+            }
     twin = copy.deepcopy(opt)
     assert twin.defaults["seed"] == 7 and twin.param_groups[0]["cosine_guidance"] is True
 
@@ -335,7 +398,9 @@ def test_tensor_lr_equals_float_lr(device):
     model_a, opt_a = _make(device)
     torch.manual_seed(0)
     model_b = SmallNet().to(device)
-    opt_b = Adapprox(model_b.parameters(), lr=torch.tensor(3e-3), tol=0.02, rank_max=6, oversample=2, weight_decay=0.01)
+    opt_b = Adapprox(
+        model_b.parameters(), lr=torch.tensor(3e-3), tol=0.02, rank_max=6, oversample=2, weight_decay=0.01
+    )
     _train(model_a, opt_a, 5, device)
     _train(model_b, opt_b, 5, device)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
@@ -344,8 +409,14 @@ def test_tensor_lr_equals_float_lr(device):
 
 def test_bf16_params_keep_float32_factors_after_load(device):
     model, opt = _make(device, dtype=torch.bfloat16)
-    _train_bf16 = lambda m, o, steps, start=0: [  # noqa: E731
-        (o.zero_grad(), nn.functional.mse_loss(m(_batch(i, device)[0].bfloat16()), _batch(i, device)[1].bfloat16()).backward(), o.step())
+    _train_bf16 = lambda m, o, steps, start=0: [
+        (
+            o.zero_grad(),
+            nn.functional.mse_loss(
+                m(_batch(i, device)[0].bfloat16()), _batch(i, device)[1].bfloat16()
+            ).backward(),
+            o.step(),
+        )
         for i in range(start, start + steps)
     ]
     _train_bf16(model, opt, 4)

@@ -30,11 +30,18 @@ def demo(
         return
     adamw_bytes = runs[0].state_bytes
     rows = [
-        (r.optimizer, f"{r.final_loss:.4f}", render.human_bytes(r.state_bytes), f"{100 * r.state_bytes / adamw_bytes:.1f}%")
+        (
+            r.optimizer,
+            f"{r.final_loss:.4f}",
+            render.human_bytes(r.state_bytes),
+            f"{100 * r.state_bytes / adamw_bytes:.1f}%",
+        )
         for r in runs
     ]
     render.stdout_console().print(
-        render.table(f"{steps} steps, teacher-student MLP", ["optimizer", "final loss", "state", "vs AdamW"], rows)
+        render.table(
+            f"{steps} steps, teacher-student MLP", ["optimizer", "final loss", "state", "vs AdamW"], rows
+        )
     )
     ranks = runs[1].ranks
     if ranks:

@@ -30,7 +30,8 @@ DtypeOption = Annotated[
     ),
 ]
 JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr).")
+    bool,
+    typer.Option("--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr)."),
 ]
 PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a figure to this PNG file.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random test matrices.")]
@@ -43,5 +44,8 @@ TrustOption = Annotated[
     ),
 ]
 OptimizerIndexOption = Annotated[
-    int, typer.Option("--optimizer-index", help="Which optimizer of a Lightning checkpoint with several (0-based).")
+    int,
+    typer.Option(
+        "--optimizer-index", help="Which optimizer of a Lightning checkpoint with several (0-based)."
+    ),
 ]
