@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from adapprox_cli.optim import Adapprox, adapprox, is_factored
@@ -569,3 +571,34 @@ def test_resume_repeats_the_random_test_matrices():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 12), min_size=0, max_size=4).map(tuple),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    beta1=st.sampled_from([0.0, 0.9]),
+    first_moment=st.sampled_from(["gradient", "update"]),
+    scale=st.sampled_from([1e-30, 1e-6, 1.0, 1e6]),
+    seed=st.integers(0, 1000),
+)
+def test_any_shape_and_scale_gives_finite_steps_in_the_param_dtype(
+    shape, dtype, beta1, first_moment, scale, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    param = nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
+    opt = Adapprox(
+        [param], lr=1e-2, betas=(beta1, 0.99), first_moment=first_moment, weight_decay=0.0, rank_max=3
+    )
+    for _ in range(3):
+        param.grad = (torch.randn(shape, generator=gen) * scale).to(dtype)
+        before = param.detach().double().clone()
+        opt.step()
+        if param.numel() and dtype != torch.bfloat16:
+            # clipping bounds every step: RMS(ΔW) <= lr * clip_threshold
+            rms = (param.detach().double() - before).norm() / param.numel() ** 0.5
+            assert rms <= 1e-2 * (1 + 1e-5)
+    assert param.dtype == dtype
+    assert torch.isfinite(param.float()).all()
+    for value in opt.state[param].values():
+        assert torch.isfinite(value.float()).all()
