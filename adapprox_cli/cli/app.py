@@ -32,6 +32,13 @@ def _print_error(message: str) -> None:
 class _ErrorReportingGroup(TyperGroup):
     """Turns library errors into a one-line message and an exit code instead of a traceback."""
 
+    _workflow_order = ("inspect", "spectrum", "compare", "estimate", "convert", "train", "demo")
+
+    def list_commands(self, ctx):
+        # Workflow order (inspect, analyse, convert, train) rather than alphabetical.
+        known = [name for name in self._workflow_order if name in self.commands]
+        return known + sorted(name for name in self.commands if name not in known)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
