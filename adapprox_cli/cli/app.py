@@ -50,11 +50,9 @@ class _ErrorReportingGroup(TyperGroup):
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug or an unexpected library failure: still no traceback by default
-            if debug_enabled() or getattr(exc, "__module__", "").startswith("click"):
-                raise
-            import click
-
-            if isinstance(exc, click.ClickException):
+            # Click's own exceptions (usage errors) carry their message and exit code: let them
+            # through. Typer may vendor click, so match on the module rather than import it.
+            if debug_enabled() or "click" in type(exc).__module__:
                 raise
             _print_error(f"{type(exc).__name__}: {exc} (run again with --debug for the full traceback)")
             raise typer.Exit(1) from None

@@ -1,0 +1,215 @@
+"""torch.distributed.checkpoint (DCP) directories: ``.metadata`` + ``__{rank}_{i}.distcp``.
+
+The optimizer state is keyed by parameter FQN, so names need no reconstruction. Two key styles
+occur: nested (``optim.state.<fqn>.exp_avg_sq``, ``optim.param_groups.0.lr`` with a ``params``
+list of FQNs; the prefix is ``optimizer`` for HF/accelerate and ``optimizer_<i>`` for Lightning)
+and flattened (``state.<fqn>.exp_avg_sq``, ``param_groups.<fqn>.lr`` per parameter, torchtitan).
+
+``.metadata`` is a plain pickle that DCP itself reads with ``pickle.load``; here it is read with a
+restricted unpickler, and the data is loaded through ``dcp.load`` without a process group using a
+reader and planner that never unpickle anything unrestricted (DCP's own planner loads non-tensor
+entries with ``weights_only=False``). Sharded tensors (FSDP2) are reassembled by ``dcp.load``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.safe_load import allowed_globals, dcp_metadata_globals, restricted_unpickle
+from adapprox_cli.checkpoints.torch_state import build_checkpoint
+from adapprox_cli.errors import InputError
+
+METADATA_FILE = ".metadata"
+_PREFIX = re.compile(r"^(optim|optimizer|optimizer_\d+)$")
+
+
+def read_dcp_metadata(path: Path) -> Any:
+    """The ``Metadata`` object of a DCP directory, unpickled with only DCP's own classes allowed."""
+    md = restricted_unpickle(path / METADATA_FILE, dcp_metadata_globals())
+    if not hasattr(md, "state_dict_metadata"):
+        raise InputError(
+            f"{path / METADATA_FILE} is not torch.distributed.checkpoint metadata; re-copy the directory"
+        )
+    return md
+
+
+@dataclass
+class _Layout:
+    prefix: str | None  # "optim", "optimizer", "optimizer_0", ... or None for the flattened style
+    state: dict[str, dict[str, str]]  # fqn -> {state key: flat metadata key}
+    groups: dict[str, str]  # flat keys of nested param_groups entries
+    flat_groups: dict[str, dict[str, str]]  # fqn -> {hyper-parameter: flat key} (flattened style)
+
+
+def _path_of(md: Any, key: str) -> tuple:
+    planner = getattr(md, "planner_data", None) or {}
+    path = planner.get(key)
+    return tuple(path) if isinstance(path, (tuple, list)) else (key,)
+
+
+def _layouts(md: Any) -> dict[str | None, _Layout]:
+    layouts: dict[str | None, _Layout] = {}
+    for key in md.state_dict_metadata:
+        path = _path_of(md, key)
+        if len(path) == 4 and path[1] == "state" and _PREFIX.match(str(path[0])):
+            layout = layouts.setdefault(path[0], _Layout(path[0], {}, {}, {}))
+            layout.state.setdefault(str(path[2]), {})[str(path[3])] = key
+        elif len(path) >= 3 and path[1] == "param_groups" and _PREFIX.match(str(path[0])):
+            layouts.setdefault(path[0], _Layout(path[0], {}, {}, {})).groups[key] = key
+        elif len(path) == 1 and key.startswith("state.") and key.count(".") >= 2:
+            fqn, _, leaf = key[len("state.") :].rpartition(".")
+            layouts.setdefault(None, _Layout(None, {}, {}, {})).state.setdefault(fqn, {})[leaf] = key
+        elif len(path) == 1 and key.startswith("param_groups.") and key.count(".") >= 2:
+            fqn, _, leaf = key[len("param_groups.") :].rpartition(".")
+            layouts.setdefault(None, _Layout(None, {}, {}, {})).flat_groups.setdefault(fqn, {})[leaf] = key
+    return {k: v for k, v in layouts.items() if v.state or v.groups or v.flat_groups}
+
+
+def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
+    md = read_dcp_metadata(path)
+    layouts = _layouts(md)
+    if not layouts:
+        keys = list(md.state_dict_metadata)[:5]
+        raise InputError(
+            f"{path} is a DCP checkpoint without optimizer state (keys like {keys}); save the optimizer with "
+            "get_state_dict(model, optimizer) next to the model"
+        )
+    order = sorted(layouts, key=lambda p: (p is None, _natural(p or "")))
+    if not 0 <= optimizer_index < len(order):
+        raise InputError(
+            f"{path} holds {len(order)} optimizer state(s); --optimizer-index {optimizer_index} is out of range "
+            f"(use 0..{len(order) - 1})"
+        )
+    layout = layouts[order[optimizer_index]]
+    values = _load(path, md, layout)
+    osd = _assemble(layout, values, path)
+    warnings_ = (
+        [f"the checkpoint holds {len(order)} optimizer states; showing {order[optimizer_index]}"]
+        if len(order) > 1
+        else []
+    )
+    ck = build_checkpoint(
+        osd,
+        path=path,
+        fmt="dcp",
+        default_optimizer="adamw",
+        container=None,
+        warnings=warnings_,
+        extra={
+            "prefix": layout.prefix,
+            "optimizer_index": optimizer_index,
+            "key_style": "flattened" if layout.prefix is None else "nested",
+        },
+    )
+    ck.optimizer_state_dict = None  # rebuilt here from FQN keys, not an object of the directory
+    return ck
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
+def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    wanted: dict[str, Any] = {}
+    for keys in layout.state.values():
+        for key in keys.values():
+            wanted[key] = _empty_like_metadata(md.state_dict_metadata[key])
+    for key in [*layout.groups.values(), *(k for g in layout.flat_groups.values() for k in g.values())]:
+        wanted[key] = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group": single-process load is intended
+            dcp.load(
+                wanted,
+                storage_reader=_RestrictedReader(path),
+                planner=_SafePlanner(flatten_state_dict=False),
+                no_dist=True,
+            )
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(
+            f"{path}: reading the DCP data failed ({type(exc).__name__}: {exc}); re-copy the directory"
+        ) from None
+    return wanted
+
+
+def _empty_like_metadata(meta: Any) -> Any:
+    size = getattr(meta, "size", None)
+    if size is None:
+        return None
+    return torch.empty(tuple(size), dtype=meta.properties.dtype)
+
+
+def _assemble(layout: _Layout, values: dict[str, Any], path: Path) -> dict:
+    """A torch-style state dict keyed by FQN, like ``FSDP.optim_state_dict``."""
+    state = {fqn: {leaf: values[key] for leaf, key in keys.items()} for fqn, keys in layout.state.items()}
+    if layout.prefix is not None:
+        groups: dict[int, dict] = {}
+        for key in layout.groups:
+            _, _, rest = key.partition(f"{layout.prefix}.param_groups.")
+            index, _, hp = rest.partition(".")
+            groups.setdefault(int(index), {})[hp] = values[key]
+        param_groups = [groups[i] for i in sorted(groups)]
+        for g in param_groups:
+            g.setdefault("params", list(state) if len(param_groups) == 1 else [])
+    else:
+        param_groups = _groups_from_flattened(layout, values, list(state))
+    if sum(len(g["params"]) for g in param_groups) == 0:
+        raise InputError(
+            f"{path}: the optimizer param_groups list no parameters; the checkpoint is incomplete"
+        )
+    return {"state": state, "param_groups": param_groups}
+
+
+def _groups_from_flattened(layout: _Layout, values: dict[str, Any], stated: list[str]) -> list[dict]:
+    # Flattened dicts repeat the group's hyper-parameters per parameter; equal values = one group.
+    groups: list[dict] = []
+    fqns = list(layout.flat_groups) or stated
+    for fqn in fqns:
+        hp = {leaf: values[key] for leaf, key in layout.flat_groups.get(fqn, {}).items()}
+        match = next((g for g in groups if _same(g, hp)), None)
+        if match is None:
+            match = {**hp, "params": []}
+            groups.append(match)
+        match["params"].append(fqn)
+    return groups
+
+
+def _same(group: dict, hp: dict) -> bool:
+    return {k: v for k, v in group.items() if k != "params"} == hp
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's planner unpickles non-tensor entries with ``weights_only=False``; this one does not."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        with torch.serialization.safe_globals(allowed_globals()):
+            obj = torch.load(value, weights_only=True, map_location="cpu")
+        # The planner works on a (flattened) copy; the caller reads the dict it passed in.
+        self.state_dict[read_item.dest_index.fqn] = obj
+        self.original_state_dict[read_item.dest_index.fqn] = obj
+
+
+class _RestrictedReader(FileSystemReader):
+    """Reads ``.metadata`` with the restricted unpickler instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        md = read_dcp_metadata(Path(self.path))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
