@@ -169,6 +169,12 @@ def relative_errors_from_singular_values(frobenius_sq: Tensor, singular_values: 
 # --------------------------------------------------------------------------- S-RSI
 
 
+def _frobenius_sq(v: Tensor) -> Tensor:
+    # Row norms first: no m x n temporary (v.square() would allocate a full copy), and summing
+    # m partial results keeps float32 accurate where one reduction over all entries drifts.
+    return torch.linalg.vector_norm(v, dim=1).square().sum()
+
+
 def _orthonormal_basis(y: Tensor) -> Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
@@ -203,8 +209,10 @@ def _srsi(
     # 2. Subspace iteration. [decided] Orthonormalize after each product (Halko et al. Alg. 4.4)
     #    rather than once per round: in float32, V V^T squares the singular-value ratios and
     #    would wash out every direction below sqrt(eps) of the top one.
+    #    V^T Q is computed as (Q^T V)^T: the same product, but BLAS kernels for a transposed tall
+    #    operand times a narrow matrix were measured 5-15x slower on CPU (benchmarks/bench_speed.py).
     for _ in range(power_iters):
-        q = _orthonormal_basis(v @ _orthonormal_basis(v.T @ q))
+        q = _orthonormal_basis(v @ _orthonormal_basis((q.T @ v).T))
     # 3. Small SVD of the projection B = Q^T V.
     b = q.T @ v
     w, s, zh = torch.linalg.svd(b, full_matrices=False)
@@ -212,7 +220,7 @@ def _srsi(
     q_rot = q @ w
     u_rot = zh.T * s
     if frobenius_sq is None:
-        frobenius_sq = v.square().sum()
+        frobenius_sq = _frobenius_sq(v)
     # 5. Free errors of every rank <= s.
     errors = relative_errors_from_singular_values(frobenius_sq, s)
     return q_rot, u_rot, s, errors
@@ -333,7 +341,7 @@ def truncated_svd(v: Tensor, rank: int) -> LowRankFactors:
         return _empty_factors(v, min(rank, *v.shape))
     u_left, s, vh = torch.linalg.svd(v, full_matrices=False)
     k = min(rank, s.shape[0])
-    errors = relative_errors_from_singular_values(v.square().sum(), s)
+    errors = relative_errors_from_singular_values(_frobenius_sq(v), s)
     return LowRankFactors(u_left[:, :k], vh[:k].T * s[:k], s, errors)
 
 
@@ -365,7 +373,7 @@ def svd_lowrank(
             torch.manual_seed(seed)
         u_left, s, v_right = torch.svd_lowrank(v, q=width, niter=power_iters)
     k = min(rank, s.shape[0])
-    errors = relative_errors_from_singular_values(v.square().sum(), s)
+    errors = relative_errors_from_singular_values(_frobenius_sq(v), s)
     return LowRankFactors(u_left[:, :k], v_right[:, :k] * s[:k], s, errors)
 
 

@@ -433,11 +433,16 @@ def adapprox(
 
 
 def _finite_flags(grads: list[Tensor]) -> list[bool]:
-    # One host sync for the whole list, not one per parameter.
+    """Whether each gradient is free of NaN and Inf, with one host sync for the whole list.
+
+    NaN and Inf propagate through a sum (inf - inf = nan), so one streaming reduction per
+    gradient replaces isfinite(g).all() and its full-size masks. Sums run in float32 (float64
+    for float64 gradients) so half-precision gradients cannot overflow them.
+    """
     if not grads:
         return []
-    checks = [torch.isfinite(g).all().to(device=grads[0].device) for g in grads]
-    return torch.stack(checks).tolist()
+    sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
+    return torch.isfinite(torch.stack([s.to(device=grads[0].device) for s in sums])).tolist()
 
 
 def _clip(update: Tensor, clip_threshold: float | None) -> Tensor:
