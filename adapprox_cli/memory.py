@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from adapprox_cli.lowrank import default_rank_max, matrix_view_shape
+from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, square_matricize_shape
+from adapprox_cli.optim import is_factored
 
 __all__ = [
     "PAPER_SAVINGS",
@@ -54,16 +55,6 @@ def adamw_state_numbers(shapes: Iterable[Shape]) -> int:
     return sum(2 * _numel(s) for s in shapes)
 
 
-def _is_factored(shape: Shape, rank_max: int | None) -> bool:
-    # Same rule as Adapprox.is_factored, restated here so this module stays torch-free.
-    view = matrix_view_shape(shape)
-    if view is None:
-        return False
-    m, n = view
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-    return m * n > 0 and k_max * (m + n) < m * n
-
-
 def adapprox_state_numbers(
     shapes: Iterable[Shape],
     rank: int | Mapping[int, int] | None = None,
@@ -81,7 +72,7 @@ def adapprox_state_numbers(
         numel = _numel(shape)
         if first_moment:
             total += numel
-        if _is_factored(shape, rank_max):
+        if is_factored(shape, rank_max):
             m, n = matrix_view_shape(shape)
             k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
             if rank is None:
@@ -290,7 +281,7 @@ def smmf_state_numbers(shapes: Iterable[Shape], *, vector_reshape: bool = True) 
         if len(shape) < 2 and not vector_reshape:
             total += 2 * numel
             continue
-        rows, cols = _square_matricize(numel)
+        rows, cols = square_matricize_shape(numel)
         total += 2 * (rows + cols)
     return total
 
@@ -301,16 +292,6 @@ def smmf_sign_bits(shapes: Iterable[Shape], *, vector_reshape: bool = True) -> i
     (The official code keeps a bool tensor, one byte per element.)
     """
     return sum(_numel(s) for s in shapes if len(s) >= 2 or vector_reshape)
-
-
-def _square_matricize(numel: int) -> tuple[int, int]:
-    # SMMF's effective shape (same rule as lowrank.square_matricize_shape, restated torch-free).
-    if numel < 1:
-        return (0, 1)
-    cols = math.isqrt(numel)
-    while numel % cols:
-        cols -= 1
-    return numel // cols, cols
 
 
 def galore_matrix_numbers(shape: Shape, rank: int) -> int:

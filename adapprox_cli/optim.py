@@ -445,12 +445,12 @@ def _finite_flags(grads: list[Tensor]) -> list[bool]:
     return torch.isfinite(torch.stack([s.to(device=grads[0].device) for s in sums])).tolist()
 
 
-def _clip(update: Tensor, clip_threshold: float | None) -> Tensor:
-    """update / max(1, RMS(update) / d), computed without a host sync."""
+def _clip_(update: Tensor, clip_threshold: float | None) -> Tensor:
+    """update / max(1, RMS(update) / d), in place and without a host sync."""
     if clip_threshold is None or math.isinf(clip_threshold) or update.numel() == 0:
         return update
     rms = torch.linalg.vector_norm(update) / math.sqrt(update.numel())
-    return update / torch.clamp(rms / clip_threshold, min=1.0)
+    return update.div_(torch.clamp(rms / clip_threshold, min=1.0))
 
 
 def _cosine_scale(update: Tensor, previous_moment: Tensor) -> Tensor:
@@ -515,8 +515,13 @@ def _single_tensor_adapprox(
             m, n = matrix_view_shape(param.shape)
             g2d = g.reshape(m, n)
             q_prev, u_prev = state["exp_avg_sq_q"], state["exp_avg_sq_u"]
-            # [paper] rebuild V densely (one matrix at a time); [decided] clamp the product at 0.
-            v = torch.clamp(q_prev @ u_prev.T, min=0.0).mul_(beta2).addcmul_(g2d, g2d, value=1.0 - beta2)
+            # [paper] rebuild V densely (one matrix at a time); [decided] clamp Q U^T at 0.
+            # max(beta2 Q U^T + c, c) = beta2 max(Q U^T, 0) + c with c = (1 - beta2) G^2: the
+            # clamp folds into one fused matrix product and one pass.
+            fresh = g2d.square().mul_(1.0 - beta2)
+            v = torch.addmm(fresh, q_prev, u_prev.T, alpha=beta2)
+            torch.maximum(v, fresh, out=v)
+            del fresh
             current_rank = q_prev.shape[1]
             k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
             generator = torch.Generator(device=v.device).manual_seed(_seed_for(seed, index, step))
@@ -541,16 +546,16 @@ def _single_tensor_adapprox(
             if first_moment == "gradient":
                 # Adam's form: average the gradient, then precondition and clip the average.
                 exp_avg.lerp_(g.to(exp_avg.dtype), 1.0 - beta1)
-                update = _clip(exp_avg.to(compute_dtype) / denom, clip_threshold)
+                update = _clip_(exp_avg.to(compute_dtype) / denom, clip_threshold)
             else:
                 # Adafactor/CAME's form: average the clipped, preconditioned update.
-                clipped = _clip(g / denom, clip_threshold)
+                clipped = _clip_(g / denom, clip_threshold)
                 exp_avg.lerp_(clipped.to(exp_avg.dtype), 1.0 - beta1)
                 update = exp_avg.to(compute_dtype)
             if previous is not None:
-                update = update * _cosine_scale(_clip(g / denom, clip_threshold), previous)
+                update = update * _cosine_scale(_clip_(g / denom, clip_threshold), previous)
         else:
-            update = _clip(g / denom, clip_threshold)
+            update = _clip_(g / denom, clip_threshold)
 
         # [paper] decoupled weight decay: W <- W - lr (D + wd W).
         if weight_decay != 0:
