@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from adapprox_cli import analysis, lowrank, memory
+from adapprox_cli import analysis, lowrank
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import ApproximationSettings, approximate
+from adapprox_cli.optim import is_factored
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -291,7 +292,7 @@ def test_compare_rejects_unknown_methods(moments):
 
 def test_estimate_exact_rule_is_the_smallest_rank_within_tolerance(moments):
     report = analysis.estimate_memory(moments, tolerances=[0.3, 0.1, 0.02], dtype="float64")
-    factored = [(n, v) for n, v in moments if v.ndim >= 2 and memory._is_factored(tuple(v.shape), None)]
+    factored = [(n, v) for n, v in moments if v.ndim >= 2 and is_factored(tuple(v.shape), None)]
     assert [m.name for m in report.matrices] == [n for n, _ in factored]
     for ranks, (_, v) in zip(report.matrices, factored, strict=True):
         t = truth(v)
