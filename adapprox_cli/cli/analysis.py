@@ -170,11 +170,11 @@ def spectrum(
 
     Examples:
 
-      adapprox spectrum out/ckpt.pt
+        adapprox spectrum out/ckpt.pt
 
-      adapprox spectrum out/ckpt.pt --params 'h\\.0\\.' --plot spectrum.png
+        adapprox spectrum out/ckpt.pt --params 'h\\.0\\.' --plot spectrum.png
 
-      adapprox spectrum checkpoint-500/ --method gram --json > spectrum.json
+        adapprox spectrum checkpoint-500/ --method gram --json > spectrum.json
     """
     from adapprox_cli.analysis import spectrum_report
 
@@ -298,11 +298,11 @@ def compare(
 
     Examples:
 
-      adapprox compare out/ckpt.pt
+        adapprox compare out/ckpt.pt
 
-      adapprox compare out/ckpt.pt --rank 1 --methods svd,srsi,adafactor --plot compare.png
+        adapprox compare out/ckpt.pt --rank 1 --methods svd,srsi,adafactor --plot compare.png
 
-      adapprox compare checkpoint-500/ --params 'mlp' --json > compare.json
+        adapprox compare checkpoint-500/ --params 'mlp' --json > compare.json
     """
     from adapprox_cli.analysis import compare_methods
 
@@ -461,9 +461,9 @@ def estimate(
 
     Examples:
 
-      adapprox estimate out/ckpt.pt --tol 0.1 --tol 0.05 --tol 0.01 --plot memory.png
+        adapprox estimate out/ckpt.pt --tol 0.1 --tol 0.05 --tol 0.01 --plot memory.png
 
-      adapprox estimate --shapes gpt2-124m --rank 192 --rank 1
+        adapprox estimate --shapes gpt2-124m --rank 192 --rank 1
     """
     from adapprox_cli.analysis import estimate_memory, estimate_preset
 

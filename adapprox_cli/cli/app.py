@@ -49,6 +49,11 @@ class _ErrorReportingGroup(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # stdout closed early (`adapprox ... | head`): not an error worth a message.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:  # a bug or an unexpected library failure: still no traceback by default
             # Click's own exceptions (usage errors) carry their message and exit code: let them
             # through. Typer may vendor click, so match on the module rather than import it.
@@ -69,6 +74,8 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    # Markdown: docstring paragraphs are re-wrapped to the terminal width.
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -41,9 +41,9 @@ def inspect_command(
 
     Examples:
 
-      adapprox inspect out/ckpt.pt
+        adapprox inspect out/ckpt.pt
 
-      adapprox inspect checkpoint-500/ --params 'attn' --json
+        adapprox inspect checkpoint-500/ --params 'attn' --json
     """
     from adapprox_cli.checkpoints import describe_checkpoint, load_checkpoint
 
