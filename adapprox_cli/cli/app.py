@@ -17,9 +17,11 @@ from typer.core import TyperGroup
 from adapprox_cli import __version__
 from adapprox_cli.errors import AdapproxError
 
+_debug_flag = False  # set from --debug by the root callback on every invocation
+
 
 def debug_enabled() -> bool:
-    return os.environ.get("ADAPPROX_DEBUG", "") not in ("", "0")
+    return _debug_flag or os.environ.get("ADAPPROX_DEBUG", "") not in ("", "0")
 
 
 def _print_error(message: str) -> None:
@@ -96,8 +98,8 @@ def _root(
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
 ) -> None:
-    if debug:
-        os.environ["ADAPPROX_DEBUG"] = "1"
+    global _debug_flag
+    _debug_flag = debug
 
 
 def main() -> None:
