@@ -1,0 +1,318 @@
+"""AdamW <-> Adapprox state migration: ground truth is the exact SVD, real optimizers and the files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_factories import (
+    make_accelerate,
+    make_deepspeed,
+    make_hf_trainer,
+    make_lightning,
+    make_nanogpt,
+    make_plain,
+)
+from torch import nn
+
+from adapprox_cli import convert
+from adapprox_cli.checkpoints import load_checkpoint
+from adapprox_cli.convert import (
+    adamw_to_adafactor,
+    adamw_to_adapprox,
+    adapprox_to_adamw,
+    convert_checkpoint,
+    factor_second_moment,
+)
+from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.lowrank import relative_error, truncated_svd
+from adapprox_cli.optim import Adapprox
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40), nn.LayerNorm(40))
+
+
+def _loss(model: nn.Module, seed: int) -> torch.Tensor:
+    x = torch.randn(16, 48, generator=torch.Generator().manual_seed(seed))
+    return model(x).pow(2).mean()
+
+
+def _adamw_state(model: nn.Module, steps: int = 12) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.99),
+    )
+    for i in range(steps):
+        opt.zero_grad()
+        _loss(model, i).backward()
+        opt.step()
+    return opt
+
+
+def _sha(path: Path) -> str:
+    if path.is_dir():
+        return "".join(_sha(p) for p in sorted(path.rglob("*")) if p.is_file())
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 99) -> None:
+    opt.zero_grad()
+    _loss(model, seed).backward()
+    opt.step()
+
+
+# --------------------------------------------------------------------------- factoring
+
+
+def test_adaptive_rank_is_smallest_rank_within_tol_by_exact_svd():
+    g = torch.Generator().manual_seed(0)
+    # A non-negative matrix with a decaying spectrum: a few strong directions plus small noise.
+    left, right = (
+        torch.rand(80, 6, generator=g, dtype=torch.float64),
+        torch.rand(6, 50, generator=g, dtype=torch.float64),
+    )
+    scales = torch.tensor([1.0, 0.5, 0.25, 0.12, 0.06, 0.03], dtype=torch.float64)
+    v = (left * scales) @ right + 1e-4 * torch.rand(80, 50, generator=g, dtype=torch.float64)
+    exact = truncated_svd(v, 1).relative_errors
+    for tol in (0.2, 0.05, 0.01, 0.002):
+        q, u = factor_second_moment(v, tol=tol, generator=torch.Generator().manual_seed(1))
+        expected = next(r for r in range(1, 13) if exact[r - 1] <= tol) if exact[11] <= tol else 12
+        assert q.shape[1] == expected, tol
+        # The factors are as good as the exact truncated SVD at that rank.
+        assert relative_error(v, q @ u.T) <= float(exact[q.shape[1] - 1]) * 1.01 + 1e-12
+
+
+def test_fixed_rank_is_clamped_to_k_max():
+    v = torch.rand(64, 32, dtype=torch.float64)
+    q, u = factor_second_moment(v, tol=0.0, rank=100)
+    assert q.shape == (64, 8) and u.shape == (32, 8)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_adamw_adapprox_adamw():
+    model = _tiny_model()
+    opt = _adamw_state(model)
+    source = opt.state_dict()
+    new, report = adamw_to_adapprox(source, tol=0.05)
+
+    # Every factored matrix: exp_avg carried bit for bit, step kept, error as reported and measured.
+    assert [m.index for m in report.matrices] == [0, 1]
+    for m in report.matrices:
+        old, state = source["state"][m.index], new["state"][m.index]
+        assert torch.equal(state["exp_avg"], old["exp_avg"])
+        assert float(state["step"]) == float(old["step"]) == 12.0
+        assert state["step"].dtype == torch.float32 and state["step"].dim() == 0
+        q, u = state["exp_avg_sq_q"], state["exp_avg_sq_u"]
+        assert q.dtype == torch.float32 and q.shape[1] == m.rank <= m.rank_max
+        v = old["exp_avg_sq"].double()
+        measured = relative_error(v, torch.clamp(q.double() @ u.double().T, min=0))
+        assert measured == pytest.approx(m.relative_error, rel=1e-9, abs=1e-12)
+        # The unclamped product is never better than the Eckart-Young optimum at that rank, and
+        # clamping at zero only moves a non-negative V's approximation closer.
+        unclamped = relative_error(v, q.double() @ u.double().T)
+        assert unclamped >= float(truncated_svd(v, m.rank).error) - 1e-6
+        assert m.relative_error <= unclamped + 1e-12
+    assert report.dense_params == 4 and report.bytes_after < report.bytes_before
+
+    # Groups carry the hyper-parameters and every Adapprox setting.
+    defaults = Adapprox([torch.zeros(1)]).defaults
+    for old_group, group in zip(source["param_groups"], new["param_groups"]):
+        assert set(defaults) <= set(group)
+        assert group["lr"] == old_group["lr"] and group["betas"] == old_group["betas"]
+        assert group["weight_decay"] == old_group["weight_decay"] and group["tol"] == 0.05
+
+    # A fresh Adapprox over the same parameters loads and steps.
+    adapprox = Adapprox(model.parameters())
+    adapprox.param_groups = []  # rebuilt with the same two-group split as the source
+    for group in opt.param_groups:
+        adapprox.add_param_group({"params": group["params"]})
+    adapprox.load_state_dict(new)
+    assert adapprox.ranks() == {m.index: m.rank for m in report.matrices}
+    _step(model, adapprox)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # Rollback: the multiplied-out factors are the clamped product, a fresh AdamW loads and steps.
+    back, back_report = adapprox_to_adamw(new)
+    assert back_report.target_optimizer == "adamw"
+    for m in report.matrices:
+        v_old = source["state"][m.index]["exp_avg_sq"].double()
+        v_back = back["state"][m.index]["exp_avg_sq"]
+        assert v_back.shape == v_old.shape and bool((v_back >= 0).all())
+        assert relative_error(v_old, v_back.double()) <= m.relative_error + 1e-6
+        assert torch.equal(back["state"][m.index]["exp_avg"], source["state"][m.index]["exp_avg"])
+    adamw = torch.optim.AdamW(opt.param_groups)
+    adamw.load_state_dict(back)
+    _step(model, adamw)
+    assert set(adamw.param_groups[0]) >= set(torch.optim.AdamW([torch.zeros(1)]).defaults)
+
+
+def test_beta1_zero_drops_first_moment_and_rollback_restores_zeros():
+    model = _tiny_model()
+    source = _adamw_state(model, steps=3).state_dict()
+    new, _ = adamw_to_adapprox(source, beta1=0.0)
+    assert all("exp_avg" not in s for s in new["state"].values())
+    assert all(g["betas"][0] == 0.0 for g in new["param_groups"])
+    back, report = adapprox_to_adamw(new)
+    assert all(torch.count_nonzero(s["exp_avg"]) == 0 for s in back["state"].values())
+    assert any("first moment" in w for w in report.warnings)
+
+
+def test_bf16_first_moment_is_carried_in_its_own_precision():
+    source = _adamw_state(_tiny_model(), steps=2).state_dict()
+    for s in source["state"].values():
+        s["exp_avg"] = s["exp_avg"].to(torch.bfloat16)
+    new, _ = adamw_to_adapprox(source)
+    assert new["state"][0]["exp_avg"].dtype == torch.bfloat16
+    assert new["param_groups"][0]["first_moment_dtype"] == "bfloat16"
+
+
+def test_sparse_state_and_refused_states():
+    model = _tiny_model()
+    opt = _adamw_state(model, steps=1)
+    source = opt.state_dict()
+    del source["state"][1]  # a parameter that never got a gradient has no state
+    new, report = adamw_to_adapprox(source)
+    assert 1 not in new["state"] and [m.index for m in report.matrices] == [0]
+    with pytest.raises(UnsupportedStateError, match="momentum_buffer"):
+        adamw_to_adapprox(
+            {"state": {0: {"momentum_buffer": torch.zeros(2)}}, "param_groups": [{"params": [0]}]}
+        )
+    with pytest.raises(InputError, match="state dict"):
+        adamw_to_adapprox({"state": []})
+
+
+def test_adafactor_seed_matches_adafactor_statistics():
+    source = _adamw_state(_tiny_model(), steps=2).state_dict()
+    state = adamw_to_adafactor(source)
+    v = source["state"][0]["exp_avg_sq"]
+    assert torch.allclose(state["state"][0]["row_var"], v.mean(dim=-1, keepdim=True))
+    assert torch.allclose(state["state"][0]["col_var"], v.mean(dim=-2, keepdim=True))
+    model = _tiny_model()
+    params = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+    adafactor = torch.optim.Adafactor([{"params": params[0]}, {"params": params[1]}])
+    adafactor.load_state_dict(state)
+    _step(model, adafactor)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_convert_nanogpt_checkpoint_keeps_container_and_input(tmp_path):
+    truth = make_nanogpt(tmp_path)
+    before = _sha(truth.path)
+    out = tmp_path / "converted" / "ckpt.pt"
+    report = convert_checkpoint(truth.path, out, tol=0.05, verify=True)
+    assert _sha(truth.path) == before
+    assert report.verified and report.source_format == "nanogpt" and report.output_format == "nanogpt"
+    assert report.matrices[0].name == "transformer.wte.weight"
+    saved = torch.load(out, weights_only=True)
+    original = torch.load(truth.path, weights_only=True)
+    assert saved["optimizer_kind"] == "adapprox" and saved["adapprox"]["tol"] == 0.05
+    assert saved["iter_num"] == original["iter_num"] and saved["model_args"] == original["model_args"]
+    assert all(torch.equal(saved["model"][k], original["model"][k]) for k in original["model"])
+    reloaded = load_checkpoint(out)
+    assert reloaded.optimizer == "adapprox" and reloaded.format == "nanogpt"
+
+    # And back to AdamW, in the same container.
+    back = tmp_path / "back.pt"
+    report = convert_checkpoint(out, back, verify=True)
+    assert report.target_optimizer == "adamw"
+    saved = torch.load(back, weights_only=True)
+    assert saved["optimizer_kind"] == "adamw" and "adapprox" not in saved
+    assert load_checkpoint(back).optimizer == "adamw"
+
+
+def test_convert_hf_trainer_directory_is_a_copy(tmp_path):
+    truth = make_hf_trainer(tmp_path)
+    before = _sha(truth.path)
+    out = tmp_path / "checkpoint-3-adapprox"
+    report = convert_checkpoint(truth.path, out, verify=True)
+    assert _sha(truth.path) == before
+    assert report.output_format == "hf-trainer"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in truth.path.iterdir())
+    assert (out / "scheduler.pt").read_bytes() == (truth.path / "scheduler.pt").read_bytes()
+    assert load_checkpoint(out).optimizer == "adapprox"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_convert_to_safetensors_and_plain(tmp_path):
+    truth = make_nanogpt(tmp_path)
+    out = tmp_path / "state.safetensors"
+    report = convert_checkpoint(truth.path, out, output_format="safetensors", rank=1, verify=True)
+    assert all(m.rank == 1 for m in report.matrices)
+    loaded = load_checkpoint(out)
+    assert loaded.format == "adapprox-safetensors" and loaded.optimizer == "adapprox"
+    plain = tmp_path / "adamw.pt"
+    convert_checkpoint(out, plain, output_format="plain", verify=True)
+    state = torch.load(plain, weights_only=True)
+    assert set(state) == {"state", "param_groups"} and "exp_avg_sq" in state["state"][0]
+
+
+def test_refuses_to_overwrite_without_force_and_same_path(tmp_path):
+    truth = make_nanogpt(tmp_path)
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"keep me")
+    with pytest.raises(InputError, match="--force"):
+        convert_checkpoint(truth.path, out)
+    assert out.read_bytes() == b"keep me"
+    convert_checkpoint(truth.path, out, force=True)
+    assert load_checkpoint(out).optimizer == "adapprox"
+    with pytest.raises(InputError, match="is the input"):
+        convert_checkpoint(truth.path, truth.path, force=True)
+    with pytest.raises(InputError, match="already holds"):
+        convert_checkpoint(out, tmp_path / "again.pt", to="adapprox")
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, kind):
+    truth = make_nanogpt(tmp_path) if kind == "file" else make_hf_trainer(tmp_path)
+    out_dir = tmp_path / "dest"
+    out_dir.mkdir()
+    out = out_dir / ("ckpt.pt" if kind == "file" else "checkpoint-3")
+
+    def failing_save(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert, "_write_torch", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert_checkpoint(truth.path, out)
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "fmt", ["plain", "plain-bf16", "lightning", "accelerate", "deepspeed"], ids=lambda f: f
+)
+def test_convert_other_formats(tmp_path, fmt):
+    makers = {
+        "plain": lambda: make_plain(tmp_path),
+        "plain-bf16": lambda: make_plain(tmp_path, dtype=torch.bfloat16),
+        "lightning": lambda: make_lightning(tmp_path)[0],
+        "accelerate": lambda: make_accelerate(tmp_path, layers=2),
+        "deepspeed": lambda: make_deepspeed(tmp_path),
+    }
+    truth = makers[fmt]()
+    before = _sha(truth.path)
+    out = tmp_path / "converted" / ("state.safetensors" if fmt == "deepspeed" else truth.path.name)
+    if fmt == "deepspeed":
+        # Sharded formats cannot be rewritten in place; the converted state goes on its own.
+        with pytest.raises(InputError, match="--format safetensors"):
+            convert_checkpoint(truth.path, out)
+    report = convert_checkpoint(
+        truth.path, out, output_format="safetensors" if fmt == "deepspeed" else "auto", verify=True
+    )
+    assert report.verified and report.matrices and _sha(truth.path) == before
+    reloaded = load_checkpoint(out)
+    assert reloaded.optimizer == "adapprox"
+    assert [p.shape for p in reloaded.params] == [tuple(s) for s in truth.shapes]
+    for param in reloaded.params:
+        assert all(t.dtype == torch.float32 for k, t in param.state.items() if k.startswith("exp_avg_sq"))
