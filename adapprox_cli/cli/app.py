@@ -97,9 +97,20 @@ def _root(
         False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    threads: int = typer.Option(
+        0,
+        "--threads",
+        min=0,
+        envvar="ADAPPROX_THREADS",
+        help="CPU threads for torch (0: torch's default). 1 is often fastest for small models or on a busy machine.",
+    ),
 ) -> None:
     global _debug_flag
     _debug_flag = debug
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
