@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from adapprox_cli import lowrank, memory
+from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import METHODS, ApproximationSettings
 from adapprox_cli.optim import is_factored
@@ -185,29 +186,6 @@ def common_name_prefix(names: Sequence[str]) -> str:
     return "".join(p + "." for p in shared)
 
 
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N', checked against this machine."""
-    text = str(spec).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", text):
-        if not torch.cuda.is_available():
-            raise InputError(
-                f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
-                f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use --device cpu or auto"
-            )
-        device = torch.device(text)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(
-                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible; "
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
-        return device
-    raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-
-
 def resolve_dtype(spec: str | torch.dtype) -> torch.dtype:
     """Compute precision: float32 or float64 (states in half precision are upcast)."""
     if isinstance(spec, torch.dtype):
@@ -235,11 +213,6 @@ def _load_matrix(moment: Moment, dtype: torch.dtype, device: torch.device) -> Te
             f"{moment.name}: the moment has dtype {tensor.dtype}; adapprox analyses real floating states"
         )
     return tensor.reshape(view).to(device=device, dtype=dtype)
-
-
-def _seed_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    mixed = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) % (2**64)
-    return torch.Generator(device=device).manual_seed((mixed ^ (mixed >> 31)) % (2**63))
 
 
 def _row_blocks(v: Tensor) -> Iterable[Tensor]:
@@ -399,7 +372,7 @@ def spectrum_report(
         if progress:
             progress(done, len(matrices), moment.name)
         v = _load_matrix(moment, dtype, device)
-        generator = _seed_generator(seed, moment.index, device)
+        generator = lowrank.seeded_generator(seed, moment.index, device=device)
         results.append(
             _matrix_spectrum(moment, v, top, tolerances, method, oversample, power_iters, generator)
         )
@@ -673,7 +646,7 @@ def _run_method(
         rank=rank,
         oversample=oversample,
         power_iters=power_iters,
-        generator=_seed_generator(seed, moment.index, device),
+        generator=lowrank.seeded_generator(seed, moment.index, device=device),
         adam_mini_block=block if block in ("row", "head", "tensor") else "row",
         num_heads=num_heads,
     )
@@ -919,7 +892,7 @@ def _matrix_ranks(
             errors[t] = float(tails[ranks[t]])
     else:
         for t in tolerances:
-            generator = _seed_generator(seed, moment.index, device)
+            generator = lowrank.seeded_generator(seed, moment.index, device=device)
             ranks[t], errors[t], _ = simulate_adaptive_rank(
                 v, t, rank_max=k_max, oversample=oversample, power_iters=power_iters, generator=generator
             )

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
-from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, relative_error, srsi
+from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, relative_error, seeded_generator, srsi
 from adapprox_cli.optim import Adapprox, is_factored
 
 __all__ = [
@@ -152,11 +152,6 @@ def _check_state_dict(state_dict: Any) -> None:
             "expected an optimizer state dict with 'state' and 'param_groups' "
             "(what optimizer.state_dict() returns)"
         )
-
-
-def _seeded_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    # One generator per matrix, a pure function of (seed, index): conversions are repeatable.
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
 # --------------------------------------------------------------------------- factoring
@@ -364,7 +359,7 @@ def _adapprox_param_state(
         rank_max=k_max,
         oversample=group["oversample"],
         power_iters=power_iters,
-        generator=_seeded_generator(group["seed"], position, matrix.device),
+        generator=seeded_generator(group["seed"], position, device=matrix.device),
     )
     new["exp_avg_sq_q"], new["exp_avg_sq_u"] = (
         q.to(compute_dtype).contiguous(),

@@ -35,6 +35,7 @@ __all__ = [
     "matrix_view_shape",
     "relative_error",
     "relative_errors_from_singular_values",
+    "seeded_generator",
     "sm3_cover",
     "smmf_rank1",
     "square_matricize_shape",
@@ -138,6 +139,20 @@ def square_matricize_shape(numel: int) -> tuple[int, int]:
     while numel % cols:
         cols -= 1
     return numel // cols, cols
+
+
+def seeded_generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator that is a pure function of (seed, *keys), e.g. (seed, parameter index, step).
+
+    Randomized methods draw their test matrices from it, so a run, a resumed run and a
+    re-run of an analysis draw exactly the same numbers without storing generator state.
+    """
+    mixed = seed % (2**64)
+    for key in keys:
+        # splitmix64-style mixing: nearby keys give unrelated seeds
+        mixed = (mixed * 0x9E3779B97F4A7C15 + (key + 1) * 0xBF58476D1CE4E5B9) % (2**64)
+        mixed ^= mixed >> 31
+    return torch.Generator(device=device).manual_seed(mixed % (2**63))
 
 
 # --------------------------------------------------------------------------- errors

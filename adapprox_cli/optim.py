@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adapprox_cli.lowrank import _srsi, adaptive_rank, default_rank_max, matrix_view_shape
+from adapprox_cli.lowrank import _srsi, adaptive_rank, default_rank_max, matrix_view_shape, seeded_generator
 
 __all__ = ["Adapprox", "adapprox", "is_factored"]
 
@@ -49,16 +49,6 @@ def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None
     m, n = view
     k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
     return m * n > 0 and k_max * (m + n) < m * n
-
-
-def _seed_for(seed: int, param_index: int, step: int) -> int:
-    # [decided] The Gaussian test matrix is a pure function of (seed, parameter index, step), so
-    # a resumed run draws exactly what the uninterrupted one drew, without storing generators.
-    mixed = (seed * 0x9E3779B97F4A7C15 + param_index * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % (
-        2**64
-    )
-    mixed ^= mixed >> 31
-    return mixed % (2**63)
 
 
 def _compute_dtype(param: Tensor) -> torch.dtype:
@@ -524,7 +514,9 @@ def _single_tensor_adapprox(
             del fresh
             current_rank = q_prev.shape[1]
             k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-            generator = torch.Generator(device=v.device).manual_seed(_seed_for(seed, index, step))
+            # [decided] The test matrix is a pure function of (seed, parameter index, step): a
+            # resumed run draws exactly what the uninterrupted one drew, without stored generators.
+            generator = seeded_generator(seed, index, step, device=v.device)
             warm = q_prev if warm_start and step > 1 else None
             q_s, u_s, _, errors = _srsi(v, min(current_rank, k_max), oversample, power_iters, generator, warm)
             if (step - 1) % rank_interval == 0:

@@ -45,6 +45,7 @@ from adapprox_cli.convert import (
     atomic_torch_save,
     atomic_write,
 )
+from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
 from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.data import encode_text_file, get_batch, read_nanogpt_dataset, read_vocab
@@ -190,17 +191,14 @@ def _setup_distributed(device: str) -> _Dist:
 
 
 def _resolve_device(device: str, dist_info: _Dist) -> str:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if device == "cuda":
-            device = f"cuda:{dist_info.local_rank}" if dist_info.enabled else "cuda"
-        torch.cuda.set_device(torch.device(device))
-    elif device not in ("cpu", "mps"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-    return device
+    resolved = resolve_device(device)
+    if resolved.type != "cuda":
+        return str(resolved)
+    if resolved.index is None and dist_info.enabled:
+        # under torchrun each process takes the GPU of its local rank
+        resolved = torch.device("cuda", dist_info.local_rank)
+    torch.cuda.set_device(resolved)
+    return str(resolved)
 
 
 def _read_container(path: Path, trust_checkpoint: bool) -> tuple[Path, dict[str, Any]]:
