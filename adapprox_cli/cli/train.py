@@ -42,7 +42,11 @@ def train_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Directory for ckpt.pt (default: resume-<optimizer>/ beside PATH)."),
+        typer.Option(
+            "--out",
+            help="Directory for ckpt.pt and the plots (default: adapprox-runs/<checkpoint>-<optimizer>/ "
+            "in the current directory; the input checkpoint's folder is left alone).",
+        ),
     ] = None,
     device: Annotated[
         str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
@@ -127,7 +131,8 @@ def train_command(
 
         plot = check_plot_path(plot)  # before training: a bad path must not waste the run
     options = {"tol": tol, "beta1": beta1, "first_moment": first_moment, "rank_max": rank_max}
-    checkpoint_dir = path if path.is_dir() else path.parent
+    # e.g. "nanogpt-ckpt" for sample_states/nanogpt/ckpt.pt, "checkpoint-500" for a Trainer directory
+    run_name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}".strip("-")
     config = TrainConfig(
         checkpoint=path,
         steps=steps,
@@ -135,7 +140,9 @@ def train_command(
         model=model,
         data_dir=data,
         text=text,
-        out_dir=out if out is not None else checkpoint_dir / f"resume-{'compare' if compare else optimizer}",
+        out_dir=out
+        if out is not None
+        else Path("adapprox-runs") / f"{run_name}-{'compare' if compare else optimizer}",
         device=device,
         batch_size=batch_size,
         block_size=block_size,
