@@ -193,9 +193,7 @@ def main() -> None:
     parser.add_argument(
         "--grads", choices=("structured", "gaussian"), default="structured", help="gradient model"
     )
-    parser.add_argument(
-        "--no-patch", action="store_true", help="leave out the S-RSI v0 variant"
-    )
+    parser.add_argument("--no-patch", action="store_true", help="leave out the S-RSI v0 variant")
     parser.add_argument("--no-fixed", action="store_true", help="leave out the fixed k = k_max variant")
     args = parser.parse_args()
     configure_threads(args.threads)
