@@ -127,6 +127,9 @@ def main() -> None:
         metavar="NAME",
         help="configurations to run (default: all; AdamW is always included): " + ", ".join(CONFIGS),
     )
+    parser.add_argument("--n-layer", type=int, default=None, help="model layers (default 3)")
+    parser.add_argument("--n-embd", type=int, default=None, help="model width (default 128)")
+    parser.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")
     args = parser.parse_args()
     configure_threads(args.threads)
 
@@ -138,7 +141,15 @@ def main() -> None:
     else:
         config = CharModelConfig(steps=400, warmup_steps=40, eval_batches=40)
         seeds, names = args.seeds or 3, list(CONFIGS)
-    config = replace(config, steps=args.steps or config.steps)
+    config = replace(
+        config,
+        steps=args.steps or config.steps,
+        n_layer=args.n_layer or config.n_layer,
+        n_embd=args.n_embd or config.n_embd,
+        n_head=args.n_head or config.n_head,
+    )
+    if args.steps:
+        config = replace(config, warmup_steps=max(1, args.steps // 10))
     if args.configs:
         names = ["AdamW"] + [n for n in args.configs if n != "AdamW"]
     runs, aliases = unique_configs(names)
