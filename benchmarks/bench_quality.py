@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=None, help="model layers (default 3)")
     parser.add_argument("--n-embd", type=int, default=None, help="model width (default 128)")
     parser.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 2e-3; min lr = lr / 10)"
+    )
     args = parser.parse_args()
     configure_threads(args.threads)
 
@@ -150,6 +153,8 @@ def main() -> None:
     )
     if args.steps:
         config = replace(config, warmup_steps=max(1, args.steps // 10))
+    if args.lr:
+        config = replace(config, learning_rate=args.lr, min_lr=args.lr / 10)
     if args.configs:
         names = ["AdamW"] + [n for n in args.configs if n != "AdamW"]
     runs, aliases = unique_configs(names)
