@@ -661,6 +661,9 @@ def convert_checkpoint(
     if output.exists() and not force:
         raise InputError(f"{output} exists; pass --force to replace it")
     checkpoint = _load_checkpoint(source, trust_checkpoint, optimizer_index)
+    from adapprox_cli.checkpoints.validate import require_sound_state
+
+    require_sound_state(checkpoint, "convert")
     kind = "adapprox" if checkpoint.optimizer == "adapprox" else "adamw"
     target = to or ("adamw" if kind == "adapprox" else "adapprox")
     if target not in ("adapprox", "adamw"):

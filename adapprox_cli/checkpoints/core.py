@@ -166,6 +166,35 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def check_tensor_storage(t: torch.Tensor, what: str, source: Path | str) -> None:
+    """Refuse a tensor whose stored data does not back every element it claims.
+
+    ``torch.save`` keeps strides, so a few bytes can declare a 40000x40000 moment as an expanded
+    (stride-0) or overlapping view of a tiny storage; it loads with ``weights_only=True`` and
+    costs gigabytes the first time an analysis makes it contiguous. A real optimizer state is
+    never such a view: its elements are distinct and lie inside its storage.
+    """
+    if t.numel() == 0 or t.layout != torch.strided:
+        return
+    storage_elements = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz > 1)
+    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
+    overlapping = False
+    for stride, size in dims:
+        if stride < extent:
+            overlapping = True
+            break
+        extent = stride * (size - 1) + extent
+    last = t.storage_offset() + sum((sz - 1) * st for sz, st in zip(t.shape, t.stride(), strict=True))
+    if overlapping or t.storage_offset() < 0 or last >= storage_elements:
+        shape = "x".join(map(str, t.shape))
+        raise InputError(
+            f"{source}: {what} declares {shape} elements but stores only {storage_elements} "
+            f"({'an expanded or overlapping view' if overlapping else 'a view past its data'}); a real "
+            "optimizer state stores every element: re-save it from the optimizer"
+        )
+
+
 def anonymous_name(index: int) -> str:
     return f"param_{index}"
 
@@ -217,7 +246,7 @@ def step_of(state: dict[str, Any]) -> int | None:
         return None
     try:
         return int(_scalar(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # not a number, NaN, or infinite
         return None
 
 

@@ -126,6 +126,22 @@ def check_readable_file(path: Path, what: str = "checkpoint") -> None:
         )
 
 
+def contained_path(root: Path, relative: str, source: Path) -> Path:
+    """``root / relative``, refused when it resolves outside ``root`` (``..``, absolute paths, links).
+
+    Index files (``model.safetensors.index.json``, DeepSpeed's ``latest``, DCP ``.metadata``) name
+    other files of the checkpoint; a downloaded one must not make adapprox open files elsewhere.
+    """
+    base = root.resolve()
+    target = (base / str(relative)).resolve()
+    if target != base and base not in target.parents:
+        raise InputError(
+            f"{source} names {str(relative)!r}, which lies outside {root}; refused without opening it "
+            "(re-copy the checkpoint from its source)"
+        )
+    return target
+
+
 def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
     allowed = _allowed_names()
     try:
@@ -144,6 +160,13 @@ def safe_torch_load(path: str | Path, *, trust_checkpoint: bool = False, mmap: b
     """
     path = Path(path)
     check_readable_file(path)
+    from adapprox_cli.checkpoints.safetensors_format import is_safetensors
+
+    if is_safetensors(path):  # newer torch.load would hand it to the safetensors library
+        raise InputError(
+            f"{path} is a safetensors file, not a torch.save file; pass it to the commands that read "
+            "safetensors (inspect, spectrum, compare, estimate, convert), or the torch.save checkpoint"
+        )
     use_mmap = mmap and is_zip_checkpoint(path)
     try:
         if trust_checkpoint:

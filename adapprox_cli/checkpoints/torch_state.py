@@ -17,6 +17,7 @@ from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import (
     OptimizerCheckpoint,
     ParamState,
+    check_tensor_storage,
     clean_param_groups,
     is_optimizer_state_dict,
     max_step,
@@ -61,6 +62,8 @@ def _as_tensor(key: str, value: Any, param: int | str, source: Path | str) -> An
         return torch.tensor(float(value), dtype=torch.float32)
     if key in _MOMENT_KEYS and not isinstance(value, torch.Tensor):
         raise InputError(f"{source}: {key} of parameter {param!r} is a {type(value).__name__}, not a tensor")
+    if isinstance(value, torch.Tensor):
+        check_tensor_storage(value, f"{key} of parameter {param!r}", source)
     return value
 
 

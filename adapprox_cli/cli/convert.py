@@ -71,6 +71,10 @@ def convert_command(
 
     if to is not None and to not in ("adapprox", "adamw"):
         raise InputError(f"--to {to!r}: choose adapprox or adamw")
+    if verify:  # the input's own checksums first: a flipped byte would be converted faithfully
+        from adapprox_cli.checkpoints.integrity import check_integrity
+
+        check_integrity(path)
     settings = {"rank_max": rank_max, "first_moment": first_moment, "seed": seed}
     report = convert_checkpoint(
         path,
@@ -95,7 +99,7 @@ def convert_command(
 
 
 def _render(report) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table, warn
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn
 
     console = stdout_console()
     rows = [
@@ -117,6 +121,6 @@ def _render(report) -> None:
         + (f"; largest error {report.max_error:.4f}" if report.max_error is not None else "")
     )
     verified = " (verified)" if report.verified else ""
-    console.print(f"wrote [bold]{report.output}[/] ({report.output_format}){verified}")
+    console.print(f"wrote [bold]{safe_text(report.output)}[/] ({report.output_format}){verified}")
     for message in report.warnings:
         warn(message)

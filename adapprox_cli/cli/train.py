@@ -106,8 +106,8 @@ def train_command(
     """Resume training from a checkpoint; an AdamW state is converted to Adapprox on the fly.
 
     The learning-rate schedule (warmup + cosine) continues from the checkpoint's iter_num and
-    config. Ctrl-C saves a checkpoint at the next step boundary and exits; run the command on
-    the saved ckpt.pt to continue exactly where it stopped. Under torchrun every process trains
+    config. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary and exits
+    with 130 or 143; run the command on the saved ckpt.pt to continue exactly where it stopped. Under torchrun every process trains
     a replica (DDP) and only rank 0 writes.
 
     Examples:
@@ -166,19 +166,22 @@ def train_command(
             results = compare_optimizers(config, [compare], callback=progress.update)
         else:
             results = {optimizer: train(config, lambda record: progress.update(optimizer, record))}
-    if not master:
-        return
-    if plot is None and compare:
-        plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
-    if plot is not None:
-        plot_loss_curves(results, plot)
-    if json_output:
-        from adapprox_cli.render import print_json
+    if master:
+        if plot is None and compare:
+            plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
+        if plot is not None:
+            plot_loss_curves(results, plot)
+        if json_output:
+            from adapprox_cli.render import print_json
 
-        data_out = {name: _summary(result) for name, result in results.items()}
-        print_json(data_out if compare else data_out[optimizer])
-        return
-    _render(results, plot)
+            data_out = {name: _summary(result) for name, result in results.items()}
+            print_json(data_out if compare else data_out[optimizer])
+        else:
+            _render(results, plot)
+    # Stopped by SIGINT/SIGTERM: the checkpoint is saved, but `train && next` must not carry on.
+    stopped = next((r.stop_signal for r in results.values() if r.stop_signal), None)
+    if stopped:
+        raise typer.Exit(128 + int(stopped))
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -216,7 +219,7 @@ class _Progress:
         self.bar.__exit__(*exc)
 
     def update(self, name: str, record: dict[str, Any]) -> None:
-        from adapprox_cli.render import human_bytes
+        from adapprox_cli.render import human_bytes, safe_text
 
         event = record.get("event")
         if event == "start":
@@ -236,11 +239,11 @@ class _Progress:
                 f"{name} iter {record['iter']}: train loss {record['train']:.4f}, val loss {record['val']:.4f}"
             )
         elif event == "save":
-            self.bar.console.print(f"{name} iter {record['iter']}: saved {record['path']}")
+            self.bar.console.print(safe_text(f"{name} iter {record['iter']}: saved {record['path']}"))
 
 
 def _render(results: dict[str, Any], plot: Path | None) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table, warn
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn
 
     console = stdout_console()
     adamw_bytes = next(
@@ -283,9 +286,9 @@ def _render(results: dict[str, Any], plot: Path | None) -> None:
         if r.interrupted:
             warn(f"{name}: interrupted at iteration {r.end_iter}")
         for path in r.checkpoints[-1:]:
-            console.print(f"{name}: checkpoint [bold]{path}[/]")
+            console.print(f"{name}: checkpoint [bold]{safe_text(path)}[/]")
     if plot is not None:
-        console.print(f"loss curves: [bold]{plot}[/]")
+        console.print(f"loss curves: [bold]{safe_text(plot)}[/]")
 
 
 def _loss(value: float | None) -> str:
