@@ -70,6 +70,13 @@ def overlapping_moments(base: dict, base_dir: Path, d: Path) -> Path:
     return _save_nanogpt(obj, base_dir, d)
 
 
+def stride0_weights(base: dict, base_dir: Path, d: Path) -> Path:
+    """A model weight declared HUGE x HUGE over one stored element, next to a sound optimizer."""
+    obj = copy.copy(base)
+    obj["model"] = {**base["model"], "transformer.wte.weight": torch.zeros(1).expand(HUGE, HUGE)}
+    return _save_nanogpt(obj, base_dir, d)
+
+
 def model_args_bomb(base: dict, base_dir: Path, d: Path) -> Path:
     """model_args say n_embd 8192 while the stored weights are tiny (3.7 GB model if built first)."""
     obj = copy.copy(base)
@@ -375,6 +382,7 @@ class Case:
 CASES: dict[str, Case] = {
     "stride0_moments": Case(stride0_moments, ALL),
     "overlapping_moments": Case(overlapping_moments, ALL),
+    "stride0_weights": Case(stride0_weights, frozenset({"train"})),
     "model_args_bomb": Case(model_args_bomb, frozenset({"train"})),
     "batch_size_bomb": Case(batch_size_bomb, frozenset({"train"})),
     "dcp_huge_metadata": Case(dcp_huge_metadata, ALL),

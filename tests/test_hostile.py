@@ -26,7 +26,14 @@ from typer.testing import CliRunner
 from adapprox_cli.cli import app
 
 runner = CliRunner()
-BOMBS = ("stride0_moments", "overlapping_moments", "model_args_bomb", "batch_size_bomb", "dcp_huge_metadata")
+BOMBS = (
+    "stride0_moments",
+    "overlapping_moments",
+    "stride0_weights",
+    "model_args_bomb",
+    "batch_size_bomb",
+    "dcp_huge_metadata",
+)
 ADDRESS_LIMIT = 3 * 2**30  # the child imports torch (~0.7 GB of address space) and loads small files
 
 
@@ -92,6 +99,7 @@ def check_outcome(name: str, command: str, path: Path, code: int, output: str) -
     allowed = {2} if must_refuse else {0, 2}
     assert code in allowed, f"{name} x {command}: exit {code}\n{output}"
     assert "Traceback" not in output, f"{name} x {command}\n{output}"
+    assert "run again with --debug" not in output, f"{name} x {command}: unexpected-error catch-all\n{output}"
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     if code == 2:
         assert len(errors) == 1, f"{name} x {command}: {output}"
@@ -149,6 +157,12 @@ def test_memory_bomb_is_refused_within_bounded_memory(name, built, tmp_path):
         check_outcome(name, command, path, code, output)
     assert tree_digest(path.parent) == before
     assert not leftovers(path.parent) and not leftovers(tmp_path)
+
+
+def test_debug_shows_the_traceback(built):
+    result = runner.invoke(app, ["--debug", "inspect", str(built["dcp_path_traversal"])])
+    assert result.exit_code != 0 and type(result.exception).__name__ == "InputError"
+    assert "outside the checkpoint directory" in str(result.exception)
 
 
 # --- untrusted text -------------------------------------------------------------------------------
