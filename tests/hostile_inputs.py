@@ -194,6 +194,40 @@ def deepspeed_latest_escape(base: dict, base_dir: Path, d: Path) -> Path:
     return ckpt
 
 
+def deepspeed_shape_bomb(base: dict, base_dir: Path, d: Path) -> Path:
+    """DeepSpeed param_shapes declare the first weight 100000 x 100000 over its small flat slice."""
+    import sys
+    from collections import OrderedDict
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from checkpoint_factories import deepspeed_names, make_deepspeed
+
+    path = make_deepspeed(d).path
+    with deepspeed_names():
+        for f in (path / "global_step3").glob("*model_states.pt"):
+            states = torch.load(f, weights_only=False)
+            first = states["param_shapes"][0]
+            name = next(iter(first))
+            states["param_shapes"][0] = OrderedDict(
+                (k, torch.Size([100000, 100000]) if k == name else v) for k, v in first.items()
+            )
+            torch.save(states, f)
+    return path
+
+
+def safetensors_shape_bomb(base: dict, base_dir: Path, d: Path) -> Path:
+    """An export whose param_shapes metadata declares a 100000 x 100000 parameter."""
+    path = _export(d)
+
+    def edit(header: dict) -> None:
+        shapes = json.loads(header["__metadata__"]["param_shapes"])
+        shapes[0] = [100000, 100000]
+        header["__metadata__"]["param_shapes"] = json.dumps(shapes)
+
+    _rewrite_header(path, edit)
+    return path
+
+
 # --- untrusted text -------------------------------------------------------------------------------
 
 MARKUP_NAMES = ["[/x]", "[link=http://evil.example]click[/link]", "\x1b]0;pwned\x07title", "[bold]b[/bold]"]
@@ -391,6 +425,8 @@ CASES: dict[str, Case] = {
     "dcp_path_traversal": Case(dcp_path_traversal, ALL),
     "hf_index_escape": Case(hf_index_escape, ALL),
     "deepspeed_latest_escape": Case(deepspeed_latest_escape, ALL),
+    "deepspeed_shape_bomb": Case(deepspeed_shape_bomb, ALL),
+    "safetensors_shape_bomb": Case(safetensors_shape_bomb, ALL),
     "markup_names": Case(markup_names, frozenset({"train"})),
     "negative_exp_avg_sq": Case(negative_exp_avg_sq, WRITERS),
     "nan_exp_avg": Case(nan_exp_avg, WRITERS),

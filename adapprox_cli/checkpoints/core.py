@@ -150,6 +150,44 @@ class OptimizerCheckpoint:
         return root
 
 
+_DENSE_MOMENTS = ("exp_avg", SECOND_MOMENT_KEY, "max_exp_avg_sq")
+
+
+def check_declared_shapes(ck: OptimizerCheckpoint) -> None:
+    """Refuse a checkpoint whose declared parameter shapes its own state tensors contradict.
+
+    A shape comes from the file's metadata or the model beside the state; a state tensor with
+    another number of elements (``param_shapes`` saying 100000x100000 over 128 stored values)
+    cannot be analysed, converted or trained, so every command refuses it here, once.
+    """
+    for p in ck.params:
+        if not p.shape:
+            continue
+        numel = math.prod(p.shape)
+        declared = "x".join(map(str, p.shape))
+        for key in _DENSE_MOMENTS:
+            t = p.state.get(key)
+            if isinstance(t, torch.Tensor) and t.numel() != numel:
+                raise InputError(
+                    f"{ck.path}: parameter {p.name} is declared {declared} but its {key} holds {t.numel()} "
+                    "values; the file contradicts itself (re-copy or re-export it)"
+                )
+        q, u = (p.state.get(k) for k in FACTOR_KEYS)
+        if isinstance(q, torch.Tensor) and isinstance(u, torch.Tensor):
+            view = matrix_view_shape(p.shape)
+            if (
+                view is None
+                or q.dim() != 2
+                or u.dim() != 2
+                or (q.shape[0], u.shape[0]) != view
+                or q.shape[1] != u.shape[1]
+            ):
+                raise InputError(
+                    f"{ck.path}: parameter {p.name} is declared {declared} but its factors are "
+                    f"{list(q.shape)} and {list(u.shape)}; the file contradicts itself (re-copy or re-export it)"
+                )
+
+
 def matrix_view_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
     """The matrix the analyses see for a parameter shape: 2-D as is, >2-D as (shape[0], prod(rest)).
 
