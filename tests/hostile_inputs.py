@@ -180,6 +180,20 @@ def hf_index_escape(base: dict, base_dir: Path, d: Path) -> Path:
     return path
 
 
+def hf_deep_json(base: dict, base_dir: Path, d: Path) -> Path:
+    """A Trainer checkpoint whose index and trainer_state JSON are nested 100000 deep."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from checkpoint_factories import make_hf_trainer
+
+    path = make_hf_trainer(d).path
+    deep = '{"weight_map":' + "[" * 100000 + "]" * 100000 + "}"
+    (path / "model.safetensors.index.json").write_text(deep)
+    (path / "trainer_state.json").write_text(deep)
+    return path
+
+
 def deepspeed_latest_escape(base: dict, base_dir: Path, d: Path) -> Path:
     """A DeepSpeed folder whose ``latest`` tag names a step directory outside it."""
     import sys
@@ -266,6 +280,18 @@ def inf_exp_avg(base: dict, base_dir: Path, d: Path) -> Path:
     m = base["optimizer"]["state"][_matrix_index(base["optimizer"])]["exp_avg"].clone()
     m[-1, -1] = float("inf")
     return _save_nanogpt(_with_moment(base, "exp_avg", m), base_dir, d)
+
+
+def nan_exp_avg_sq(base: dict, base_dir: Path, d: Path) -> Path:
+    v = base["optimizer"]["state"][_matrix_index(base["optimizer"])]["exp_avg_sq"].clone()
+    v[1, 1] = float("nan")
+    return _save_nanogpt(_with_moment(base, "exp_avg_sq", v), base_dir, d)
+
+
+def inf_exp_avg_sq(base: dict, base_dir: Path, d: Path) -> Path:
+    v = base["optimizer"]["state"][_matrix_index(base["optimizer"])]["exp_avg_sq"].clone()
+    v[:, 0] = float("inf")
+    return _save_nanogpt(_with_moment(base, "exp_avg_sq", v), base_dir, d)
 
 
 def nan_step(base: dict, base_dir: Path, d: Path) -> Path:
@@ -392,6 +418,32 @@ def safetensors_deep_header(base: dict, base_dir: Path, d: Path) -> Path:
     return path
 
 
+def truncated_zip(base: dict, base_dir: Path, d: Path) -> Path:
+    """A zip torch.save cut at two thirds (an interrupted copy)."""
+    path = _save_nanogpt(base, base_dir, d)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    return path
+
+
+def legacy_truncated(base: dict, base_dir: Path, d: Path) -> Path:
+    """A legacy (non-zip) torch.save cut in the middle."""
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "optimizer.pt"
+    torch.save(base["optimizer"], path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def bad_param_indices(base: dict, base_dir: Path, d: Path) -> Path:
+    """param_groups list indices that are not integers, repeat, or are astronomically large."""
+    osd = copy.deepcopy(base["optimizer"])
+    osd["param_groups"][0]["params"] = [10**30, "x", 0, 0]
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "optimizer.pt"
+    torch.save(osd, path)
+    return path
+
+
 def flipped_byte(base: dict, base_dir: Path, d: Path) -> Path:
     """A valid zip torch.save with one byte flipped inside a stored tensor (CRC-32 now wrong)."""
     path = _save_nanogpt(base, base_dir, d)
@@ -424,6 +476,7 @@ CASES: dict[str, Case] = {
     "dcp_size_mismatch": Case(dcp_size_mismatch, ALL),
     "dcp_path_traversal": Case(dcp_path_traversal, ALL),
     "hf_index_escape": Case(hf_index_escape, ALL),
+    "hf_deep_json": Case(hf_deep_json, ALL),
     "deepspeed_latest_escape": Case(deepspeed_latest_escape, ALL),
     "deepspeed_shape_bomb": Case(deepspeed_shape_bomb, ALL),
     "safetensors_shape_bomb": Case(safetensors_shape_bomb, ALL),
@@ -431,6 +484,8 @@ CASES: dict[str, Case] = {
     "negative_exp_avg_sq": Case(negative_exp_avg_sq, WRITERS),
     "nan_exp_avg": Case(nan_exp_avg, WRITERS),
     "inf_exp_avg": Case(inf_exp_avg, WRITERS),
+    "nan_exp_avg_sq": Case(nan_exp_avg_sq, WRITERS),
+    "inf_exp_avg_sq": Case(inf_exp_avg_sq, WRITERS),
     "nan_step": Case(nan_step, WRITERS),
     "inf_step": Case(inf_step, WRITERS),
     "nan_lr": Case(nan_lr, WRITERS),
@@ -443,6 +498,9 @@ CASES: dict[str, Case] = {
     "safetensors_overlap": Case(safetensors_overlap, ALL),
     "safetensors_size_mismatch": Case(safetensors_size_mismatch, ALL),
     "safetensors_deep_header": Case(safetensors_deep_header, ALL),
+    "truncated_zip": Case(truncated_zip, ALL),
+    "legacy_truncated": Case(legacy_truncated, ALL),
+    "bad_param_indices": Case(bad_param_indices, ALL),
     # torch.load does not check CRCs; inspect --check and convert --verify (the suite's convert) do.
     "flipped_byte": Case(flipped_byte, frozenset({"convert"})),
 }

@@ -35,6 +35,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not readable JSON ({exc}); re-copy the checkpoint directory") from None
+    except RecursionError:
+        raise InputError(
+            f"{path} is JSON nested too deeply to be a checkpoint file; re-copy the checkpoint directory"
+        ) from None
 
 
 def load_hf_trainer(path: Path, *, trust_checkpoint: bool = False) -> OptimizerCheckpoint:
