@@ -97,23 +97,31 @@ def check_target(
             raise InputError(
                 f"{path} is inside the input {source}; write the output outside the checkpoint it is read from"
             )
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    mode = _refuse_special(path)
+    if mode is None:
         return
-    except OSError as exc:
-        raise write_error(exc, path) from None
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-        raise InputError(
-            f"{path} is not a regular file or directory (a device, pipe or socket); adapprox never replaces "
-            "one: choose another output path"
-        )
     if not force:
         raise InputError(f"{path} exists; pass --force to replace it")
     if stat.S_ISDIR(mode) and directory is False:
         raise InputError(f"{path} is a directory; the output is a single file: choose a file path")
     if stat.S_ISREG(mode) and directory is True:
         raise InputError(f"{path} is a file; the output is a directory: choose another path")
+
+
+def _refuse_special(path: Path) -> int | None:
+    """The target's mode (None if absent); a device, pipe or socket is refused, never replaced."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(
+            f"{path} is not a regular file or directory (a device, pipe or socket); adapprox never replaces "
+            "one: choose another output path"
+        )
+    return mode
 
 
 def write_error(exc: OSError, path: Path) -> OutputError:
@@ -143,6 +151,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         remove_stale_temporaries(path)
     except OSError as exc:
         raise write_error(exc, path) from exc
+    _refuse_special(path)
     temporary = temporary_path(path)
     try:
         write(temporary)

@@ -225,3 +225,17 @@ def test_verify_checks_finiteness_of_what_was_written(tmp_path, monkeypatch):
         convert_checkpoint(truth.path, out, verify=True)
     assert not out.exists()
     assert torch.load(truth.path, weights_only=True)["iter_num"] == 3  # the input is untouched
+
+
+def test_every_writer_refuses_a_device_or_pipe(tmp_path):
+    from adapprox_cli.atomic_io import atomic_write
+    from adapprox_cli.errors import OutputError
+
+    fifo = tmp_path / "plot.png"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="not a regular file"):
+        atomic_write(fifo, lambda temporary: temporary.write_bytes(b"x"))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and not temporaries(tmp_path)
+    truth = make_nanogpt(tmp_path)
+    code, output = invoke("spectrum", truth.path, "--plot", fifo, "--json")
+    assert code == 2 and "not a regular file" in output and stat.S_ISFIFO(os.lstat(fifo).st_mode), output
