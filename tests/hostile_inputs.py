@@ -229,6 +229,23 @@ def deepspeed_shape_bomb(base: dict, base_dir: Path, d: Path) -> Path:
     return path
 
 
+def deepspeed_stride0_partition(base: dict, base_dir: Path, d: Path) -> Path:
+    """A ZeRO flat exp_avg_sq partition expanded from one stored element to HUGE * HUGE."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from checkpoint_factories import deepspeed_names, make_deepspeed
+
+    path = make_deepspeed(d).path
+    with deepspeed_names():
+        f = sorted((path / "global_step3").glob("*optim_states.pt"))[0]
+        obj = torch.load(f, weights_only=False)
+        state = obj["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        state[0]["exp_avg_sq"] = torch.full((1,), 1e-4).expand(HUGE * HUGE)
+        torch.save(obj, f)
+    return path
+
+
 def safetensors_shape_bomb(base: dict, base_dir: Path, d: Path) -> Path:
     """An export whose param_shapes metadata declares a 100000 x 100000 parameter."""
     path = _export(d)
@@ -468,7 +485,8 @@ class Case:
 CASES: dict[str, Case] = {
     "stride0_moments": Case(stride0_moments, ALL),
     "overlapping_moments": Case(overlapping_moments, ALL),
-    "stride0_weights": Case(stride0_weights, frozenset({"train"})),
+    "stride0_weights": Case(stride0_weights, ALL),
+    "deepspeed_stride0_partition": Case(deepspeed_stride0_partition, ALL),
     "model_args_bomb": Case(model_args_bomb, frozenset({"train"})),
     "batch_size_bomb": Case(batch_size_bomb, frozenset({"train"})),
     "dcp_huge_metadata": Case(dcp_huge_metadata, ALL),

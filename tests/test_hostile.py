@@ -30,6 +30,7 @@ BOMBS = (
     "stride0_moments",
     "overlapping_moments",
     "stride0_weights",
+    "deepspeed_stride0_partition",
     "model_args_bomb",
     "batch_size_bomb",
     "dcp_huge_metadata",
