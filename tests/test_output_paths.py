@@ -239,3 +239,46 @@ def test_every_writer_refuses_a_device_or_pipe(tmp_path):
     truth = make_nanogpt(tmp_path)
     code, output = invoke("spectrum", truth.path, "--plot", fifo, "--json")
     assert code == 2 and "not a regular file" in output and stat.S_ISFIFO(os.lstat(fifo).st_mode), output
+
+
+_SLOW_CONVERT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from adapprox_cli import convert
+real = convert._write_torch
+
+def slow(obj, path):
+    real(obj, path)
+    time.sleep(60)  # killed here: the temporary file is complete but never renamed
+
+convert._write_torch = slow
+convert.convert_checkpoint({source!r}, {out!r})
+"""
+
+
+def test_kill_9_leaves_a_temporary_the_next_run_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    truth = make_nanogpt(tmp_path)
+    out = tmp_path / "o.pt"
+    script = _SLOW_CONVERT.format(tests=str(Path(__file__).parent), source=str(truth.path), out=str(out))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not temporaries(tmp_path):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists() and temporaries(tmp_path), "the kill left neither a target nor a temporary"
+    convert_checkpoint(truth.path, out)
+    assert out.is_file() and not temporaries(tmp_path)
