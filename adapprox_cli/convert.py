@@ -544,28 +544,50 @@ def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str
     """
     temporary = new_temporary_directory(destination)
     try:
-        shutil.copytree(
-            source,
-            temporary,
-            symlinks=True,
-            dirs_exist_ok=True,
-            ignore=lambda d, _names: list(replace) if Path(d) == source else [],
-        )
+        _copy_tree(source, temporary, skip=set(replace))
         for name, obj in replace.items():
             _write_torch(obj, temporary / name)
             os.chmod(temporary / name, 0o666 & ~_umask())
         install_directory(temporary, destination)
     except OSError as exc:
         raise write_error(exc, destination) from exc
-    except shutil.Error as exc:
-        raise InputError(f"copying {source} to {destination} failed ({_first_copy_error(exc)})") from None
     finally:
         _remove(temporary)
 
 
-def _first_copy_error(exc: shutil.Error) -> str:
-    errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
-    return str(errors[0][2])[:200] if errors and len(errors[0]) == 3 else str(exc)[:200]
+def _copy_tree(source: Path, destination: Path, skip: set[str]) -> None:
+    """Copy files and directories; recreate symlinks instead of following them.
+
+    A relative link that stays inside ``source`` is copied as is (it resolves the same way in the
+    copy); any other link points at its resolved absolute target, so a Hugging Face cache snapshot
+    (``model.safetensors -> ../../blobs/...``) still works from the new place without its bytes
+    being copied.
+    """
+    root = source.resolve()
+    for current, dirs, files in os.walk(source, followlinks=False):
+        here = Path(current)
+        relative = here.relative_to(source)
+        entries = [(n, True) for n in dirs] + [(n, False) for n in files]
+        dirs[:] = [n for n in dirs if not (here / n).is_symlink() and not (here == source and n in skip)]
+        for name, is_dir in entries:
+            if here == source and name in skip:
+                continue
+            src, dst = here / name, destination / relative / name
+            if src.is_symlink():
+                link = os.readlink(src)
+                resolved = Path(os.path.realpath(src))
+                inside = resolved == root or root in resolved.parents
+                os.symlink(link if inside and not os.path.isabs(link) else str(resolved), dst)
+            elif is_dir:
+                os.mkdir(dst)
+                shutil.copystat(src, dst)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+            else:  # a pipe or device: reading it could block forever or never end
+                raise InputError(
+                    f"{src} is not a regular file (a pipe, socket or device); remove it from the checkpoint "
+                    "directory or pass --format plain"
+                )
 
 
 def _umask() -> int:

@@ -282,3 +282,25 @@ def test_kill_9_leaves_a_temporary_the_next_run_removes(tmp_path):
     assert not out.exists() and temporaries(tmp_path), "the kill left neither a target nor a temporary"
     convert_checkpoint(truth.path, out)
     assert out.is_file() and not temporaries(tmp_path)
+
+
+def test_links_inside_the_checkpoint_stay_relative_and_outside_ones_keep_working(tmp_path):
+    ckpt = make_hf_trainer(tmp_path).path
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "readme").write_text("from the cache")
+    (ckpt / "README.md").symlink_to(os.path.relpath(blobs / "readme", ckpt))  # Hub-cache style
+    (ckpt / "config-link.json").symlink_to("config.json")
+    out = tmp_path / "copies" / "out"
+    code, output = invoke("convert", ckpt, "-o", out)
+    assert code == 0, output
+    assert os.readlink(out / "config-link.json") == "config.json"
+    assert (out / "README.md").is_symlink() and (out / "README.md").read_text() == "from the cache"
+
+
+def test_a_pipe_inside_the_checkpoint_is_refused_not_read(tmp_path):
+    ckpt = make_hf_trainer(tmp_path).path
+    os.mkfifo(ckpt / "events")
+    code, output = invoke("convert", ckpt, "-o", tmp_path / "out")
+    assert code == 2 and "events" in output and "not a regular file" in output, output
+    assert not (tmp_path / "out").exists() and not temporaries(tmp_path)
