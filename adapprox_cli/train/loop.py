@@ -316,8 +316,10 @@ def _check_batch_fits(
 ) -> None:
     """Refuse a micro-batch larger than the training data, or one whose activations cannot fit.
 
-    ``config.batch_size`` comes from the checkpoint (a downloaded file may say 200000); the
-    estimate is deliberately rough (fp32 activations of a GPT block, logits and their gradient).
+    ``config.batch_size`` comes from the checkpoint (a downloaded file may say 200000). The
+    estimate is a lower bound of what one forward and backward pass keeps (fp32: about 16 values
+    per token and layer for the block, 2 per head and position for attention, logits and their
+    gradient), so what it refuses would not have fitted.
     """
     if batch_size < 1:
         raise InputError(f"{source}: batch size {batch_size}; pass --batch-size N with N >= 1")
@@ -330,7 +332,7 @@ def _check_batch_fits(
     cfg = getattr(model, "config", None)
     if cfg is None:
         return
-    per_token = 4 * (cfg.n_layer * (34 * cfg.n_embd + 5 * cfg.n_head * block_size) + 3 * cfg.vocab_size)
+    per_token = 4 * (cfg.n_layer * (16 * cfg.n_embd + 2 * cfg.n_head * block_size) + 2 * cfg.vocab_size)
     needed = tokens * per_token
     available = _available_memory(device)
     if available is not None and needed > available:
