@@ -158,9 +158,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         install_file(temporary, path)
     except OSError as exc:
         raise write_error(exc, path) from exc
+    except Exception as exc:
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos
+        # 2082048 vs 2081940", safetensors as a SafetensorError: look at the filesystem instead.
+        if _nearly_full(path.parent):
+            raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from exc
+        raise
     finally:
         _remove(temporary)
     return path
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _FULL_BELOW
+    except OSError:
+        return False
+
+
+_FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full disk
 
 
 def install_file(temporary: Path, path: Path) -> None:

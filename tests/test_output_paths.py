@@ -304,3 +304,37 @@ def test_a_pipe_inside_the_checkpoint_is_refused_not_read(tmp_path):
     code, output = invoke("convert", ckpt, "-o", tmp_path / "out")
     assert code == 2 and "events" in output and "not a regular file" in output, output
     assert not (tmp_path / "out").exists() and not temporaries(tmp_path)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 512 KiB tmpfs (needs mount rights: skipped where there are none)."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        import gc
+
+        gc.collect()  # a failed torch.save may keep its file open until collected
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "safetensors"])
+def test_a_really_full_disk_says_no_space_left(tmp_path, tiny_filesystem, fmt):
+    truth = make_nanogpt(tmp_path)
+    free = os.statvfs(tiny_filesystem)
+    (tiny_filesystem / "fill").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 8192))
+    out = tiny_filesystem / "out.pt"
+    code, output = invoke("convert", truth.path, "-o", out, "--format", fmt)
+    assert code == 2 and f"no space left on {tiny_filesystem}" in output and "unexpected pos" not in output, (
+        output
+    )
+    assert sorted(p.name for p in tiny_filesystem.iterdir()) == ["fill"]
