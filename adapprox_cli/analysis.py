@@ -48,7 +48,6 @@ from adapprox_cli import lowrank, memory
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import METHODS, ApproximationSettings
-from adapprox_cli.optim import is_factored
 
 __all__ = [
     "DEFAULT_ERROR_TOLERANCES",
@@ -106,8 +105,7 @@ class Moment:
 
     @property
     def matrix_shape(self) -> tuple[int, int] | None:
-        view = lowrank.matrix_view_shape(self.shape)
-        return None if view is None or 0 in view else view
+        return lowrank.matrix_view_shape(self.shape)
 
     @property
     def numel(self) -> int:
@@ -769,7 +767,7 @@ def simulate_adaptive_rank(
     cycle (a tolerance right at a sketch's noise level), the largest rank of the cycle is kept.
     """
     m, n = v.shape
-    k_max = lowrank.default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = lowrank.rank_cap(m, n, rank_max)
     rank, warm, history = max(1, rank_min), None, []
     for rounds in range(1, k_max // max(1, oversample) + 20):
         factors = lowrank.as_rsi(
@@ -813,7 +811,7 @@ def estimate_memory(
     """Ranks Adapprox picks per tolerance, and the state memory of AdamW, Adapprox and peers.
 
     ``moments`` should hold every parameter with optimizer state (vectors too: they count in
-    the memory totals). Matrices Adapprox factors (``optim.is_factored``) get a rank per
+    the memory totals). Matrices Adapprox factors (``lowrank.is_factored``) get a rank per
     tolerance, with ``rule``:
 
     - "exact" (default): the smallest rank r in [1, k_max] whose optimal (truncated-SVD) error
@@ -837,7 +835,7 @@ def estimate_memory(
         raise InputError(f"--rank must be >= 1, got {', '.join(map(str, fixed_ranks))}")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     moments = as_moments(moments)
-    factored = [(i, m) for i, m in enumerate(moments) if is_factored(m.shape, rank_max)]
+    factored = [(i, m) for i, m in enumerate(moments) if lowrank.is_factored(m.shape, rank_max)]
     matrices = []
     for done, (_, moment) in enumerate(factored):
         if progress:
@@ -880,14 +878,14 @@ def _matrix_ranks(
     device: torch.device,
 ) -> MatrixRanks:
     m, n = v.shape
-    k_max = lowrank.default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = lowrank.rank_cap(m, n, rank_max)
     fro_sq = _frobenius_sq(v, moment.name)
     ranks, errors, capped = {}, {}, {}
     if rule == "exact":
         tails = tail_errors(exact_squared_singular_values(v), fro_sq)
         for t in tolerances:
-            r = _first_rank(tails[1:] <= t)
-            capped[t] = r is None or r > k_max
+            r = lowrank.settled_rank(tails[1:], rank_max=k_max, tol=t)
+            capped[t] = r is None
             ranks[t] = k_max if capped[t] else r
             errors[t] = float(tails[ranks[t]])
     else:
@@ -956,9 +954,7 @@ def estimate_preset(
     if any(k is not None and k < 1 for k in ranks):
         raise InputError(f"--rank must be >= 1, got {', '.join(str(k) for k in ranks)}")
     named_shapes = memory.preset_named_shapes(preset)
-    k_maxes = sorted(
-        {lowrank.default_rank_max(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))}
-    )
+    k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
     settings_ranks: dict[str, int | None] = {}
     for k in ranks:
         if k is None:

@@ -34,8 +34,16 @@ import torch
 from torch import Tensor
 
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
-from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, relative_error, seeded_generator, srsi
-from adapprox_cli.optim import Adapprox, is_factored
+from adapprox_cli.lowrank import (
+    is_factored,
+    matrix_view_shape,
+    rank_cap,
+    relative_error,
+    seeded_generator,
+    settled_rank,
+    srsi,
+)
+from adapprox_cli.optim import Adapprox
 
 __all__ = [
     "ConversionReport",
@@ -178,7 +186,7 @@ def factor_second_moment(
     below the width from one sketch.
     """
     m, n = v.shape
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = rank_cap(m, n, rank_max)
     v = v.double()
     if rank is not None:
         factors = srsi(
@@ -189,8 +197,7 @@ def factor_second_moment(
     width = min(_FIRST_WIDTH, k_max)
     while True:
         factors = srsi(v, width, oversample=oversample, power_iters=power_iters, generator=generator)
-        errors = factors.relative_errors.tolist()
-        chosen = next((r for r in range(low, width + 1) if errors[r - 1] <= tol), None)
+        chosen = settled_rank(factors.relative_errors, rank_min=low, rank_max=width, tol=tol)
         if chosen is not None or width >= k_max:
             k = chosen if chosen is not None else k_max
             return factors.q[:, :k], factors.u[:, :k]
@@ -349,7 +356,7 @@ def _adapprox_param_state(
         new["exp_avg_sq"] = v.to(compute_dtype) if v.dtype != compute_dtype else v
         return new, None
     m, n = matrix_view_shape(shape)
-    k_max = default_rank_max(m, n) if group["rank_max"] is None else min(group["rank_max"], m, n)
+    k_max = rank_cap(m, n, group["rank_max"])
     matrix = v.reshape(m, n).double()
     q, u = factor_second_moment(
         matrix,
@@ -413,7 +420,7 @@ def adapprox_to_adamw(
     dense = 0
     steps: list[int] = []
     zero_first_moment = False
-    for _, pid in _flat_indices(state_dict["param_groups"]):
+    for g, pid in _flat_indices(state_dict["param_groups"]):
         old = state_dict["state"].get(pid)
         if not old:
             continue
@@ -426,9 +433,8 @@ def adapprox_to_adamw(
             q, u = old["exp_avg_sq_q"], old["exp_avg_sq_u"]
             v = torch.clamp(q @ u.T, min=0.0).reshape(shape)
             m, n = q.shape[0], u.shape[0]
-            matrices.append(
-                MatrixConversion(int(pid), name, tuple(shape), q.shape[1], default_rank_max(m, n), None)
-            )
+            k_max = rank_cap(m, n, state_dict["param_groups"][g].get("rank_max"))
+            matrices.append(MatrixConversion(int(pid), name, tuple(shape), q.shape[1], k_max, None))
         elif "exp_avg_sq" in old:
             v = old["exp_avg_sq"]
             dense += 1

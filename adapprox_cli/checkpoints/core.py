@@ -8,7 +8,6 @@ true shape and, where it can be established without guessing, its name.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.lowrank import matrix_view_shape  # the one shape rule; re-exported here
 
 FORMATS = (
     "plain",
@@ -148,18 +148,6 @@ class OptimizerCheckpoint:
             node = node[key]
         node[keys[-1]] = state_dict
         return root
-
-
-def matrix_view_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
-    """The matrix the analyses see for a parameter shape: 2-D as is, >2-D as (shape[0], prod(rest)).
-
-    Vectors, scalars and empty tensors give None: they are skipped by the analyses but their
-    state still counts in memory totals.
-    """
-    shape = tuple(int(d) for d in shape)
-    if len(shape) < 2 or 0 in shape:
-        return None
-    return shape[0], math.prod(shape[1:])
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
