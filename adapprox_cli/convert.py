@@ -25,7 +25,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adapprox_cli.atomic_io import atomic_write, fsync_directory
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
 from adapprox_cli.lowrank import (
     is_factored,
@@ -529,35 +530,6 @@ def _write_torch(obj: Any, path: Path) -> None:
     torch.save(obj, path)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _temporary_path(destination: Path) -> Path:
-    # Same directory as the destination, so the final os.replace is a rename on one filesystem.
-    fd, name = tempfile.mkstemp(
-        prefix=f".{destination.stem}.", suffix=f".tmp{destination.suffix}", dir=destination.parent
-    )
-    os.close(fd)
-    return Path(name)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)``, then rename the result onto ``path``; no partial file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(path)
-    try:
-        write(temporary)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary file and a rename."""
     return atomic_write(path, lambda temporary: _write_torch(obj, temporary))
@@ -580,6 +552,7 @@ def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str
             _remove(old)
         else:
             os.replace(temporary, destination)
+        fsync_directory(destination.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

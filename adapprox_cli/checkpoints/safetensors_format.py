@@ -11,15 +11,14 @@ of strings: ``format`` = "adapprox-optimizer-v1", ``optimizer`` ("adamw" | "adap
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.checkpoints.core import (
     FACTOR_KEYS,
     OptimizerCheckpoint,
@@ -223,16 +222,7 @@ def write_adapprox_safetensors(
         metadata["param_names"] = json.dumps(list(param_names))
     if param_shapes is not None:
         metadata["param_shapes"] = json.dumps([list(map(int, s)) for s in param_shapes])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
