@@ -47,6 +47,7 @@ from torch import Tensor
 from adapprox_cli import lowrank, memory
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import dtype_name
 from adapprox_cli.methods import METHODS, ApproximationSettings
 
 __all__ = [
@@ -189,7 +190,7 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype:
     if isinstance(spec, torch.dtype):
         if spec in (torch.float32, torch.float64):
             return spec
-        spec = str(spec).removeprefix("torch.")
+        spec = dtype_name(spec)
     table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
     if str(spec).lower() not in table:
         raise InputError(f"--dtype must be float32 or float64, got {spec!r}")
@@ -379,7 +380,7 @@ def spectrum_report(
         progress(len(matrices), len(matrices), "")
     settings = dict(
         top=top, tolerances=list(tolerances), method=method, oversample=oversample, power_iters=power_iters,
-        dtype=str(dtype).removeprefix("torch."), device=str(device), seed=seed,
+        dtype=dtype_name(dtype), device=str(device), seed=seed,
     )  # fmt: skip
     return SpectrumReport(results, skipped, settings)
 
@@ -614,7 +615,7 @@ def compare_methods(
     summary = [_summarize(method, [r for r in rows if r.method == method], numel) for method in methods]
     settings = dict(
         methods=list(methods), rank=rank, oversample=oversample, power_iters=power_iters, exact=exact,
-        adam_mini_default=adam_mini_default, num_heads=num_heads, dtype=str(dtype).removeprefix("torch."),
+        adam_mini_default=adam_mini_default, num_heads=num_heads, dtype=dtype_name(dtype),
         device=str(device), seed=seed,
     )  # fmt: skip
     skipped = [m.name for m in moments if m.matrix_shape is None]
@@ -860,7 +861,7 @@ def estimate_memory(
         tolerances=tolerances, rank_max=rank_max, fixed_ranks=list(fixed_ranks), galore_rank=galore_rank,
         num_heads=num_heads,
         adam_mini_default=adam_mini_default, oversample=oversample, power_iters=power_iters,
-        dtype=str(dtype).removeprefix("torch."), device=str(device), seed=seed,
+        dtype=dtype_name(dtype), device=str(device), seed=seed,
     )  # fmt: skip
     parameters = sum(m.numel for m in moments)
     return EstimateReport(source, parameters, bytes_per_number, rule, matrices, memory_rows, settings)

@@ -34,7 +34,9 @@ import torch
 from torch import Tensor
 
 from adapprox_cli.atomic_io import atomic_write, fsync_directory
+from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes  # re-exported
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
+from adapprox_cli.formatting import dtype_name
 from adapprox_cli.lowrank import (
     is_factored,
     matrix_view_shape,
@@ -120,13 +122,6 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
-    """Bytes of the tensors in an optimizer state (``state_dict()["state"]``)."""
-    return sum(
-        t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, Tensor)
-    )
 
 
 def _number(value: Any) -> Any:
@@ -349,7 +344,7 @@ def _adapprox_param_state(
         new["exp_avg"] = old["exp_avg"]  # carried bit for bit
         if old["exp_avg"].dtype in (torch.bfloat16, torch.float16) and not keep_moment_dtype:
             # New first moments are then kept in the precision the carried ones have.
-            group["first_moment_dtype"] = str(old["exp_avg"].dtype).removeprefix("torch.")
+            group["first_moment_dtype"] = dtype_name(old["exp_avg"].dtype)
     # Second moments live in the optimizer's compute dtype (float32 unless float64 params).
     compute_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     shape = tuple(v.shape)

@@ -7,8 +7,10 @@ a size the same way everywhere.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["dtype_name", "format_shape", "human_bytes", "natural_key"]
 

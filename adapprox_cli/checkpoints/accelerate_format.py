@@ -62,7 +62,7 @@ def load_accelerate(
         model_tiers=[hf_candidates(params, count, model_type, ordered)] if params else [],
         default_optimizer="adamw",
         container=obj,
-        model_state={naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None,
+        model_state=naming.normalize_keys(model_state or None),
         warnings=warnings,
         extra={
             "optimizer_file": str(optimizer_file),

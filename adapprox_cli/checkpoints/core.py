@@ -8,6 +8,7 @@ true shape and, where it can be established without guessing, its name.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,9 +118,7 @@ class OptimizerCheckpoint:
     @property
     def total_state_bytes(self) -> int:
         """Bytes of all optimizer state tensors (computed from shapes; no data is read)."""
-        return sum(
-            tensor_bytes(t) for p in self.params for t in p.state.values() if isinstance(t, torch.Tensor)
-        )
+        return optimizer_state_bytes(dict(enumerate(p.state for p in self.params)))
 
     def param(self, name: str) -> ParamState:
         for p in self.params:
@@ -151,7 +150,16 @@ class OptimizerCheckpoint:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor's elements take (its view, not the whole storage)."""
     return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
+    """Bytes of the tensors in an optimizer state: ``optimizer.state`` or ``state_dict()["state"]``.
+
+    Non-tensor entries (a Python ``step``) count nothing; per-parameter ``step`` tensors count.
+    """
+    return sum(tensor_bytes(t) for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
 def anonymous_name(index: int) -> str:

@@ -29,6 +29,7 @@ from adapprox_cli.checkpoints.core import OptimizerCheckpoint
 from adapprox_cli.checkpoints.safe_load import allowed_globals, dcp_metadata_globals, restricted_unpickle
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import natural_key
 
 METADATA_FILE = ".metadata"
 _PREFIX = re.compile(r"^(optim|optimizer|optimizer_\d+)$")
@@ -85,7 +86,7 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
             f"{path} is a DCP checkpoint without optimizer state (keys like {keys}); save the optimizer with "
             "get_state_dict(model, optimizer) next to the model"
         )
-    order = sorted(layouts, key=lambda p: (p is None, _natural(p or "")))
+    order = sorted(layouts, key=lambda p: (p is None, natural_key(p or "")))
     if not 0 <= optimizer_index < len(order):
         raise InputError(
             f"{path} holds {len(order)} optimizer state(s); --optimizer-index {optimizer_index} is out of range "
@@ -114,10 +115,6 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
     )
     ck.optimizer_state_dict = None  # rebuilt here from FQN keys, not an object of the directory
     return ck
-
-
-def _natural(text: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
 def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def _rules(params: list[naming.ModelParam], note: str | None, count: int) -> lis
 
 
 def _normalized(model_state: dict | None) -> dict | None:
-    return {naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None
+    return naming.normalize_keys(model_state or None)
 
 
 def model_files(path: Path, stem: str = "model") -> list[Path]:

@@ -57,7 +57,7 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
         # global_step counts optimizer steps of all optimizers together: only a fallback.
         step_fallback=global_step if isinstance(global_step, int) and len(states) == 1 else None,
         container=obj,
-        model_state={naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None,
+        model_state=naming.normalize_keys(model_state or None),
         warnings=warnings,
         extra={
             "optimizer_path": ["optimizer_states", optimizer_index],

@@ -31,7 +31,7 @@ def is_nanogpt(obj: Any) -> bool:
 
 
 def load_nanogpt(path: Path, obj: dict) -> OptimizerCheckpoint:
-    model_state = {naming.normalize_name(k): v for k, v in obj["model"].items()}
+    model_state = naming.normalize_keys(obj["model"])
     params = naming.model_params_from_state_dict(obj["model"])
     count = sum(len(g.get("params", [])) for g in (obj["optimizer"] or {}).get("param_groups", []))
     tiers = [

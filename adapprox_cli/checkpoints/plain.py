@@ -51,6 +51,4 @@ def load_plain(path: Path, obj: Any) -> OptimizerCheckpoint:
 
 
 def _strip(model_state: dict | None) -> dict | None:
-    if model_state is None:
-        return None
-    return {naming.normalize_name(k): v for k, v in model_state.items()}
+    return naming.normalize_keys(model_state)

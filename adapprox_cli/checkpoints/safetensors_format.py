@@ -27,6 +27,7 @@ from adapprox_cli.checkpoints.core import (
     clean_param_groups,
     max_step,
     state_dtype,
+    tensor_bytes,
 )
 from adapprox_cli.checkpoints.safe_load import check_readable_file
 from adapprox_cli.errors import InputError
@@ -238,15 +239,11 @@ def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
             t = t.detach().to("cpu").contiguous()
             # safetensors refuses tensors that share memory (views of one flat DeepSpeed buffer).
             ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-            if t.numel() and (ident in seen or t.untyped_storage().nbytes() != tensor_nbytes(t)):
+            if t.numel() and (ident in seen or t.untyped_storage().nbytes() != tensor_bytes(t)):
                 t = t.clone()
             seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
             tensors[f"state/{int(index)}/{key}"] = t
     return tensors
-
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _jsonable_group(group: dict) -> dict:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
-from adapprox_cli.checkpoints.core import OptimizerCheckpoint, ParamState, tensor_bytes
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint, ParamState, optimizer_state_bytes
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import dtype_name
 
 # Container facts worth showing; big or nested objects (model args stay, tensors do not).
 _EXTRA_KEYS = (
@@ -49,10 +48,6 @@ def select_params(ck: OptimizerCheckpoint, pattern: str | None) -> list[ParamSta
     return [p for p in ck.params if regex is None or regex.search(p.name)]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def describe_param(p: ParamState) -> dict[str, Any]:
     view = p.matrix_shape
     return {
@@ -62,7 +57,7 @@ def describe_param(p: ParamState) -> dict[str, Any]:
         "dtype": dtype_name(p.dtype),
         "group": p.group,
         "state_keys": sorted(p.state),
-        "state_bytes": sum(tensor_bytes(t) for t in p.state.values() if isinstance(t, torch.Tensor)),
+        "state_bytes": optimizer_state_bytes({p.index: p.state}),
         "matrix_shape": list(view) if view else None,
         "analysed": bool(view) and p.has_second_moment,
         "rank": int(p.state["exp_avg_sq_q"].shape[1]) if "exp_avg_sq_q" in p.state else None,
