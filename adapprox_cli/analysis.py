@@ -81,7 +81,7 @@ __all__ = [
 ProgressCallback = Callable[[int, int, str], None]  # (matrices done, matrices in all, current name)
 
 DEFAULT_ERROR_TOLERANCES = (0.1, 0.05, 0.01)
-DEFAULT_METHODS = ("svd", "srsi", "svd_lowrank", "adafactor", "smmf", "adam_mini", "sm3")
+DEFAULT_METHODS = tuple(METHODS)  # every registered method, in registry order
 SPECTRUM_METHODS = ("auto", "svd", "gram", "sketch")
 ENERGY_TOPS = (1, 5, 20)
 

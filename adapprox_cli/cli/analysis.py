@@ -26,6 +26,7 @@ from adapprox_cli.cli.options import (
 )
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
+from adapprox_cli.methods import METHODS
 
 _OptionalPath = Annotated[
     Path | None,
@@ -270,10 +271,8 @@ def compare(
     iters: _Iters = 5,
     methods: Annotated[
         str,
-        typer.Option(
-            "--methods", help="Comma-separated: svd, srsi, svd_lowrank, adafactor, smmf, adam_mini, sm3."
-        ),
-    ] = "svd,srsi,svd_lowrank,adafactor,smmf,adam_mini,sm3",
+        typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
+    ] = ",".join(METHODS),
     long: Annotated[
         bool, typer.Option("--long", help="One row per matrix and method, with every number.")
     ] = False,
