@@ -53,6 +53,7 @@ from adapprox_cli.methods import METHODS, ApproximationSettings
 __all__ = [
     "DEFAULT_ERROR_TOLERANCES",
     "DEFAULT_METHODS",
+    "PEER_OPTIMIZERS",
     "CompareReport",
     "CompareRow",
     "CompareSummary",
@@ -61,6 +62,7 @@ __all__ = [
     "MatrixSpectrum",
     "MemoryRow",
     "Moment",
+    "PeerOptimizer",
     "SpectrumReport",
     "as_moments",
     "common_name_prefix",
@@ -702,7 +704,7 @@ class MatrixRanks:
 class MemoryRow:
     """Optimizer-state memory of one optimizer configuration."""
 
-    # adamw | adapprox | adapprox_no_m | adafactor | adafactor_m | came | adam_mini | smmf | galore
+    # adamw | adapprox | adapprox_no_m | a PEER_OPTIMIZERS key
     optimizer: str
     label: str
     setting: str  # "tol=0.05", "k=192", "r=128" or ""
@@ -737,17 +739,54 @@ class EstimateReport:
         }
 
 
+@dataclass(frozen=True)
+class PeerOptimizer:
+    """A peer optimizer ``estimate`` compares against: its memory row from the parameter shapes."""
+
+    key: str
+    label: str
+    # (named shapes, galore_rank, num_heads, adam_mini_default) -> (setting, numbers, packed bits)
+    count: Callable[[list[tuple[str, tuple[int, ...]]], int, int | None, str], tuple[str, int, int]] = field(
+        repr=False
+    )
+
+
+# The one list of peers, in table order (after AdamW and the Adapprox rows).
+PEER_OPTIMIZERS = (
+    PeerOptimizer(
+        "adafactor", "Adafactor", lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns)), 0)
+    ),
+    PeerOptimizer(
+        "adafactor_m",
+        "Adafactor (beta1)",
+        lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns), first_moment=True), 0),
+    ),
+    PeerOptimizer("came", "CAME", lambda ns, g, h, d: ("", memory.came_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer(
+        "adam_mini",
+        "Adam-mini",
+        lambda ns, g, h, d: ("", memory.adam_mini_state_numbers(ns, num_heads=h, default=d), 0),
+    ),
+    PeerOptimizer(
+        "smmf",
+        "SMMF",
+        lambda ns, g, h, d: ("", memory.smmf_state_numbers(_shapes(ns)), memory.smmf_sign_bits(_shapes(ns))),
+    ),
+    PeerOptimizer(
+        "galore", "GaLore", lambda ns, g, h, d: (f"r={g}", memory.galore_state_numbers(_shapes(ns), g), 0)
+    ),
+)
+
 _LABELS = {
     "adamw": "AdamW",
     "adapprox": "Adapprox",
     "adapprox_no_m": "Adapprox (beta1=0)",
-    "adafactor": "Adafactor",
-    "adafactor_m": "Adafactor (beta1)",
-    "came": "CAME",
-    "adam_mini": "Adam-mini",
-    "smmf": "SMMF",
-    "galore": "GaLore",
+    **{peer.key: peer.label for peer in PEER_OPTIMIZERS},
 }
+
+
+def _shapes(named_shapes: list[tuple[str, tuple[int, ...]]]) -> list[tuple[int, ...]]:
+    return [s for _, s in named_shapes]
 
 
 def simulate_adaptive_rank(
@@ -915,19 +954,9 @@ def _memory_rows(
         for key, first in (("adapprox", True), ("adapprox_no_m", False)):
             numbers = memory.adapprox_state_numbers(shapes, ranks, first_moment=first, rank_max=rank_max)
             counts.append((key, setting, numbers, 0))
-    counts += [
-        ("adafactor", "", memory.adafactor_state_numbers(shapes), 0),
-        ("adafactor_m", "", memory.adafactor_state_numbers(shapes, first_moment=True), 0),
-        ("came", "", memory.came_state_numbers(shapes), 0),
-        (
-            "adam_mini",
-            "",
-            memory.adam_mini_state_numbers(named_shapes, num_heads=num_heads, default=adam_mini_default),
-            0,
-        ),
-        ("smmf", "", memory.smmf_state_numbers(shapes), memory.smmf_sign_bits(shapes)),
-        ("galore", f"r={galore_rank}", memory.galore_state_numbers(shapes, galore_rank), 0),
-    ]
+    for peer in PEER_OPTIMIZERS:
+        setting, numbers, bits = peer.count(named_shapes, galore_rank, num_heads, adam_mini_default)
+        counts.append((peer.key, setting, numbers, bits))
     adamw_bytes = memory.state_bytes(counts[0][2], bytes_per_number)
     rows = []
     for key, setting, numbers, bits in counts:
