@@ -676,7 +676,7 @@ def _write_output(
     shapes: Mapping[int, tuple[int, ...]],
 ) -> str:
     if output_format == "safetensors":
-        from adapprox_cli.checkpoints.safetensors_format import write_adapprox_safetensors
+        from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetensors
 
         order = [i for _, i in _flat_indices(new_state["param_groups"])]
         # The writer goes through a temporary file and a rename itself.
@@ -692,11 +692,12 @@ def _write_output(
     if output_format == "plain":
         atomic_torch_save(new_state, output)
         return "plain"
-    if checkpoint.format in ("hf-trainer", "accelerate") and Path(checkpoint.path).is_dir():
-        file_name = checkpoint.extra.get("optimizer_file") or (
-            "optimizer.pt" if checkpoint.format == "hf-trainer" else "optimizer.bin"
-        )
-        file_name = Path(file_name).name
+    from adapprox_cli.checkpoints import checkpoint_format
+
+    fmt = checkpoint_format(checkpoint.format)
+    write_back = fmt.write_back if fmt is not None else None
+    if write_back == "directory" and Path(checkpoint.path).is_dir():
+        file_name = Path(checkpoint.extra.get("optimizer_file") or fmt.optimizer_file).name
         if not (Path(checkpoint.path) / file_name).is_file():
             raise InputError(
                 f"{checkpoint.path} has no {file_name} to replace; pass --format plain or --format safetensors"
@@ -704,19 +705,14 @@ def _write_output(
         contents = checkpoint.container_with_optimizer_state(new_state)
         _atomic_copy_directory(Path(checkpoint.path), output, {file_name: contents}, force)
         return checkpoint.format
-    if Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
+    if write_back is None or Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
         raise InputError(
             f"{checkpoint.path} is a {checkpoint.format} checkpoint that adapprox cannot rewrite in place; "
             "pass --format safetensors (or --format plain) to write the converted state on its own"
         )
     container = checkpoint.container_with_optimizer_state(new_state)
-    if checkpoint.format == "nanogpt" and isinstance(container, dict):
-        container = dict(container)
-        container["optimizer_kind"] = target
-        if target == "adapprox":
-            container["adapprox"] = _adapprox_settings(report)
-        else:
-            container.pop("adapprox", None)
+    if fmt.update_container is not None:
+        container = fmt.update_container(container, target, _adapprox_settings(report))
     atomic_torch_save(container, output)
     return checkpoint.format
 

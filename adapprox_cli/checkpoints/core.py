@@ -18,16 +18,6 @@ import torch
 from adapprox_cli.errors import InputError, UnsupportedStateError
 from adapprox_cli.lowrank import matrix_view_shape  # the one shape rule; re-exported here
 
-FORMATS = (
-    "plain",
-    "nanogpt",
-    "hf-trainer",
-    "lightning",
-    "accelerate",
-    "dcp",
-    "deepspeed",
-    "adapprox-safetensors",
-)
 SECOND_MOMENT_KEY = "exp_avg_sq"
 FACTOR_KEYS = ("exp_avg_sq_q", "exp_avg_sq_u")
 

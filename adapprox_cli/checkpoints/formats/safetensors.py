@@ -29,6 +29,7 @@ from adapprox_cli.checkpoints.core import (
     state_dtype,
     tensor_bytes,
 )
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import check_readable_file
 from adapprox_cli.errors import InputError
 
@@ -261,3 +262,23 @@ def _jsonable_group(group: dict) -> dict:
             value = str(value)
         out[key] = value
     return out
+
+
+def _detect_file(path: Path) -> bool:
+    if not is_safetensors(path):
+        return False
+    if is_adapprox_export(path):
+        return True
+    raise InputError(
+        f"{path} is a safetensors file without optimizer state (model weights?); pass the optimizer "
+        "checkpoint, or the directory that holds both"
+    )
+
+
+FORMAT = CheckpointFormat(
+    name="adapprox-safetensors",
+    description="an adapprox safetensors export",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_adapprox_safetensors(path),
+    detect_file=_detect_file,
+    extra_keys=("source_format", "ranks"),
+)

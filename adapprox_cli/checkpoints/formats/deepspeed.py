@@ -32,6 +32,7 @@ from adapprox_cli.checkpoints.core import (
     refuse_unsupported_keys,
     state_dtype,
 )
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError, UnsupportedStateError
@@ -281,3 +282,16 @@ def _check_bounds(step_dir: Path, name: str, key: str, end: int, total: int) -> 
             f"{step_dir}: {key} of {name} ends at element {end} but the flat partitions hold {total}; "
             "param_shapes does not match the optimizer files (mixed steps?)"
         )
+
+
+FORMAT = CheckpointFormat(
+    name="deepspeed",
+    description="DeepSpeed directory",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_deepspeed(
+        path, trust_checkpoint=trust_checkpoint
+    ),
+    detect_directory=is_deepspeed,
+    detect_file=is_deepspeed,
+    write_back="container",
+    extra_keys=("zero_stage", "tag", "ds_version", "dp_world_size"),
+)
