@@ -134,7 +134,7 @@ def test_load_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["gpt2"]))
     assert load_config(tmp_path) == CONFIGS["gpt2"]
     (tmp_path / "bad.json").write_text("[1, 2")
-    with pytest.raises(InputError, match="bad.json: not a readable JSON config"):
+    with pytest.raises(InputError, match=r"bad\.json: not a readable JSON config"):
         load_config(tmp_path / "bad.json")
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="holds list"):
