@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adapprox_cli.lowrank import _srsi, adaptive_rank, default_rank_max, matrix_view_shape, seeded_generator
+from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
+    _srsi,
+    adaptive_rank,
+    default_rank_max,
+    is_factored,
+    matrix_view_shape,
+    seeded_generator,
+)
 
 __all__ = ["Adapprox", "adapprox", "is_factored"]
 
@@ -34,21 +41,6 @@ _FIRST_MOMENT_DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-
-
-def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
-    """Whether a parameter of this shape keeps its second moment as low-rank factors.
-
-    [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), but only when
-    factors at k_max store fewer numbers than the dense matrix: k_max (m + n) < m n. Biases,
-    norms, scalars and tiny matrices keep a dense ``exp_avg_sq``.
-    """
-    view = matrix_view_shape(shape)
-    if view is None:
-        return False
-    m, n = view
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-    return m * n > 0 and k_max * (m + n) < m * n
 
 
 def _compute_dtype(param: Tensor) -> torch.dtype:

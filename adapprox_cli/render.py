@@ -18,6 +18,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+# The CLI's spellings of a shape and a size, re-exported for the commands.
+from adapprox_cli.formatting import format_shape as format_shape
+from adapprox_cli.formatting import human_bytes as human_bytes
+
 # C0/C1 control characters and DEL: a name holding ESC ] 0 ; ... BEL would retitle the terminal,
 # ESC [ 8 m hide what follows; they are shown as \x1b instead.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -107,11 +111,3 @@ def track(items: Sequence[Any], description: str, enabled: bool = True) -> Itera
         for item in items:
             yield item
             bar.advance(task)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapprox_cli.checkpoints.core import optimizer_state_bytes
 from adapprox_cli.convert import (
     ConversionReport,
     adamw_to_adafactor,
@@ -228,7 +229,7 @@ def check_resumable(path: Path, container: dict[str, Any]) -> None:
     """Refuse a damaged container before anything is built from it: the optimizer state (values,
     shapes against the stored weights, hyper-parameters), the weights' storage and iter_num."""
     from adapprox_cli.checkpoints.core import check_tensor_storage
-    from adapprox_cli.checkpoints.nanogpt import is_nanogpt, load_nanogpt
+    from adapprox_cli.checkpoints.formats.nanogpt import is_nanogpt, load_nanogpt
     from adapprox_cli.checkpoints.validate import require_sound_state
 
     model = container.get("model")
@@ -562,15 +563,6 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     )
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
-
-
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send before a kill
 
 
@@ -788,7 +780,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "device": device,
             "world_size": dist_info.world_size,
             "tokens_per_step": tokens_per_step,
-            "state_bytes": _state_bytes(optimizer),
+            "state_bytes": optimizer_state_bytes(optimizer.state),
         }
     )
     iter_num = start_iter
@@ -831,7 +823,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                     "lr": lr,
                     "dt": dt,
                     "tokens_per_s": tokens_per_step / dt if dt > 0 else 0.0,
-                    "state_bytes": _state_bytes(optimizer),
+                    "state_bytes": optimizer_state_bytes(optimizer.state),
                 }
                 history.append(record)
                 emit(record)
@@ -860,7 +852,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             end_iter=iter_num,
             history=history,
             evals=evals,
-            state_bytes=_state_bytes(optimizer),
+            state_bytes=optimizer_state_bytes(optimizer.state),
             step_time=float(np.mean(times)) if times else 0.0,
             tokens_per_step=tokens_per_step,
             world_size=dist_info.world_size,
