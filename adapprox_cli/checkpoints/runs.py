@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import natural_key
 
 __all__ = ["RunStages", "Stage", "find_stages", "step_from_name"]
 
@@ -72,10 +73,6 @@ def _is_checkpoint(path: Path, trust_checkpoint: bool) -> str | None:
     return None
 
 
-def _natural(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def find_stages(paths: Sequence[str | Path], *, trust_checkpoint: bool = False) -> RunStages:
     """Stages of the run(s) at ``paths``, sorted by step (unnumbered ones last, by name).
 
@@ -107,14 +104,14 @@ def find_stages(paths: Sequence[str | Path], *, trust_checkpoint: bool = False) 
     unique = {stage.path.resolve(): stage for stage in stages}
     ordered = sorted(
         unique.values(),
-        key=lambda s: (s.step is None, s.step if s.step is not None else 0, _natural(s.path.name)),
+        key=lambda s: (s.step is None, s.step if s.step is not None else 0, natural_key(s.path.name)),
     )
     return RunStages(ordered, skipped)
 
 
 def _stages_in(directory: Path, trust_checkpoint: bool, skipped: list[tuple[Path, str]]) -> list[Stage]:
     found = []
-    for child in sorted(directory.iterdir(), key=lambda p: _natural(p.name)):
+    for child in sorted(directory.iterdir(), key=lambda p: natural_key(p.name)):
         if child.is_symlink():
             # A run directory's own checkpoints are real entries; a link may lead anywhere.
             skipped.append((child, "a symbolic link (not followed)"))
