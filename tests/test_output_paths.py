@@ -338,3 +338,13 @@ def test_a_really_full_disk_says_no_space_left(tmp_path, tiny_filesystem, fmt):
         output
     )
     assert sorted(p.name for p in tiny_filesystem.iterdir()) == ["fill"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating a device node needs root")
+def test_a_device_node_is_never_replaced_even_as_root(tmp_path):
+    truth = make_nanogpt(tmp_path)
+    node = tmp_path / "null"  # a private copy of /dev/null (char 1:3): what -o /dev/null --force would hit
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    code, output = invoke("convert", truth.path, "-o", node, "--force")
+    assert code == 2 and "not a regular file" in output, output
+    assert stat.S_ISCHR(os.lstat(node).st_mode) and not temporaries(tmp_path)
