@@ -130,7 +130,8 @@ def check_storage(path: Path, md: Any) -> None:
     """
     root = path.resolve()
     sizes: dict[str, int] = {}
-    stored: dict[str, int] = {}
+    stored: dict[str, int] = {}  # bytes on disk per tensor
+    bound: dict[str, int] = {}  # the most those bytes can decode to
     for index, info in (getattr(md, "storage_data", None) or {}).items():
         relative = getattr(info, "relative_path", None)
         offset, length = getattr(info, "offset", None), getattr(info, "length", None)
@@ -155,14 +156,15 @@ def check_storage(path: Path, md: Any) -> None:
         # Entries written through a transform (compression) may hold fewer bytes than the tensor:
         # allow a generous ratio there, none for plain entries.
         ratio = _COMPRESSION_ALLOWANCE if getattr(info, "transform_descriptors", None) else 1
-        stored[fqn] = stored.get(fqn, 0) + length * ratio
+        stored[fqn] = stored.get(fqn, 0) + length
+        bound[fqn] = bound.get(fqn, 0) + length * ratio
     for key, meta in md.state_dict_metadata.items():
         size = getattr(meta, "size", None)
         if size is None:
             continue
         dtype = meta.properties.dtype
         needed = math.prod(int(d) for d in size) * torch.empty((), dtype=dtype).element_size()
-        if needed > stored.get(key, 0):
+        if needed > bound.get(key, 0):
             shape = "x".join(str(int(d)) for d in size)
             raise InputError(
                 f"{path / METADATA_FILE} declares {key} as {shape} ({needed} bytes) but the directory stores "
