@@ -300,7 +300,8 @@ def _reduced(t: Tensor, reduce) -> Tensor:
 def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2) -> Tensor:
     """Orthonormal basis of each y[i] (b, m, s) by shifted Cholesky-QR, ``passes`` times.
 
-    Y^T Y (+ a shift of m s eps ||Y||_F^2, Fukaya et al. 2020) is factored in float64 with
+    Y^T Y (+ a shift of m s eps ||Y||_F^2 on the first pass, Fukaya et al. 2020, shifted
+    CholeskyQR) is factored in float64 with
     ``cholesky_ex`` (no host check of its info); Q = Y R^-1 by a triangular solve. A second pass
     restores orthogonality to float64 round-off. A rank-deficient or zero Y gives zero columns
     for the missing directions instead of arbitrary ones; they carry nothing of V.
@@ -309,10 +310,14 @@ def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2) -> Tensor:
     rows, width = q.shape[-2], q.shape[-1]
     tiny = torch.finfo(torch.float64).tiny
     eps = torch.finfo(torch.float64).eps
-    for _ in range(passes):
+    for number in range(passes):
         gram = _reduced(torch.matmul(q.mT, q), reduce)
         trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
-        gram.diagonal(dim1=-2, dim2=-1).add_(trace * (rows * width * eps) + tiny)
+        # The first pass needs Fukaya's shift to factor an ill-conditioned Gram; later passes
+        # see a nearly orthonormal basis and only guard its zero columns (a shift shortens
+        # every column by about its relative size).
+        shift = rows * width * eps if number == 0 else eps
+        gram.diagonal(dim1=-2, dim2=-1).add_(trace * shift + tiny)
         r, _ = torch.linalg.cholesky_ex(gram, upper=True)
         q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
     return q.to(y.dtype)

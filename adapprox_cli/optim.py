@@ -280,13 +280,20 @@ class Adapprox(Optimizer):
             if "step" in state and not isinstance(state["step"], Tensor):
                 # state dicts written by other tools may hold a plain number
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            if "exp_avg" in state and state["exp_avg"].dtype == torch.float16:
+                # A float16 moment carried in from a checkpoint overflows above 65504: it is
+                # widened to float32 once (lossless) instead of turning the weights into NaN.
+                state["exp_avg"] = state["exp_avg"].float()
             if len(state) == 0:
                 compute_dtype = _compute_dtype(p)
                 # step on the CPU as in torch.optim.AdamW: reading it needs no device sync.
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if beta1 > 0:
                     dtype_name = group["first_moment_dtype"]
-                    moment_dtype = _FIRST_MOMENT_DTYPES[dtype_name] if dtype_name else compute_dtype
+                    # a refused float16 (from an older or converted state dict) stores float32
+                    moment_dtype = (
+                        _FIRST_MOMENT_DTYPES.get(dtype_name, compute_dtype) if dtype_name else compute_dtype
+                    )
                     state["exp_avg"] = torch.zeros_like(
                         p, dtype=moment_dtype, memory_format=torch.preserve_format
                     )
