@@ -47,6 +47,7 @@ from adapprox_cli.lowrank import (
     srsi,
 )
 from adapprox_cli.optim import Adapprox
+from adapprox_cli.validation import check_tol
 
 __all__ = [
     "ConversionReport",
@@ -235,6 +236,7 @@ def adamw_to_adapprox(
     Returns the new state dict (tensors not touched are shared with the input) and a report.
     """
     _check_state_dict(state_dict)
+    tol = check_tol(tol)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InputError(f"invalid rank {rank!r}; pass an integer >= 1 or leave it out for the adaptive rank")
     defaults = adapprox_group_defaults(tol=tol, **settings)
@@ -626,6 +628,7 @@ def convert_checkpoint(
         tol, rank, beta1, **settings: see ``adamw_to_adapprox``.
     """
     source, output = Path(source), Path(output)
+    check_tol(tol)  # before the checkpoint is read
     if output_format not in OUTPUT_FORMATS:
         raise InputError(
             f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"

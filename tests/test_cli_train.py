@@ -40,8 +40,9 @@ def test_train_compare_json(tmp_path):
     args = ["train", str(checkpoint), "--steps", "2", "--eval-iters", "1", "--compare", "adamw", "--json"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert set(data) == {"adapprox", "adamw"}
+    runs = json.loads(result.stdout)["runs"]
+    data = {run["optimizer"]: run for run in runs}
+    assert set(data) == {"adapprox", "adamw"} and runs[0]["optimizer"] == "adapprox"
     assert data["adapprox"]["state_bytes"] < data["adamw"]["state_bytes"]
     assert data["adapprox"]["end_iter"] == data["adamw"]["end_iter"] == 5
     assert (tmp_path / "cmp" / "adamw" / "ckpt.pt").is_file() and (tmp_path / "cmp" / "loss.png").is_file()
