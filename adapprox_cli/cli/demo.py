@@ -24,7 +24,8 @@ def demo(
     from adapprox_cli import render
     from adapprox_cli.demo import demo_to_dict, run_demo
 
-    runs = run_demo(steps=steps, seed=seed)
+    with render.callback_progress("training", render.show_progress(json_output)) as update:
+        runs = run_demo(steps=steps, seed=seed, progress=update)
     if json_output:
         render.print_json(demo_to_dict(runs))
         return

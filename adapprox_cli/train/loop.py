@@ -48,6 +48,7 @@ from adapprox_cli.convert import (
 )
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import format_shape
 from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.data import encode_text_file, get_batch, read_nanogpt_dataset, read_vocab
 from adapprox_cli.train.model import (
@@ -277,7 +278,7 @@ def _build_model(config: TrainConfig, container: dict[str, Any], source: str) ->
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        f"{k} {format_shape(state[k].shape)} vs {format_shape(expected[k].shape)}"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
@@ -334,8 +335,8 @@ def _param_groups(
         shape = _state_shape(entry)
         if shape is not None and shape != tuple(param.shape) and math.prod(shape) != param.numel():
             raise InputError(
-                f"optimizer state {pid} has shape {shape} but the model parameter in that place is "
-                f"{tuple(param.shape)}; the model does not match the optimizer state"
+                f"optimizer state {pid} has shape {format_shape(shape)} but the model parameter in that place is "
+                f"{format_shape(param.shape)}; the model does not match the optimizer state"
             )
     return groups
 
