@@ -43,6 +43,7 @@ __all__ = [
     "smmf_rank1",
     "square_matricize_shape",
     "srsi",
+    "srsi_batched",
     "svd_lowrank",
     "truncated_svd",
 ]
@@ -302,6 +303,153 @@ def srsi(
     q, u, s, errors = _srsi(v, rank, oversample, power_iters, generator, warm_start)
     k = min(rank, q.shape[1])
     return LowRankFactors(q[:, :k], u[:, :k], s, errors)
+
+
+# --------------------------------------------------------------------------- batched S-RSI
+# The same algorithm as ``_srsi`` on a stack of same-shape matrices (b, m, n): every step is a
+# batched product (bmm) or a batched small factorization, so b matrices cost one launch each
+# and nothing reads a value back to the host. Two choices differ from ``_srsi``:
+# - [decided] Orthonormalization by Cholesky-QR (CholeskyQR2 with a shift) instead of
+#   Householder QR: the only cross-row reduction is the small Gram matrix Y^T Y, which a
+#   row-sharded (FSDP2) version all-reduces through ``reduce`` before factoring it.
+# - [decided] The small SVD of B = Q^T V becomes a symmetric eigendecomposition of B B^T in
+#   float64 (eigenvalues = S^2, the quantity the rank rule needs): float64 keeps the directions
+#   down to sqrt(eps64) of the top one, well past what a float32 V holds.
+
+
+def _reduced(t: Tensor, reduce) -> Tensor:
+    # Seam for row-sharded matrices: a sum over rows computed per shard must be all-reduced.
+    return t if reduce is None else reduce(t)
+
+
+def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2) -> Tensor:
+    """Orthonormal basis of each y[i] (b, m, s) by shifted Cholesky-QR, ``passes`` times.
+
+    Y^T Y (+ a shift of m s eps ||Y||_F^2 on the first pass, Fukaya et al. 2020, shifted
+    CholeskyQR) is factored in float64 with
+    ``cholesky_ex`` (no host check of its info); Q = Y R^-1 by a triangular solve. A second pass
+    restores orthogonality to float64 round-off. A rank-deficient or zero Y gives zero columns
+    for the missing directions instead of arbitrary ones; they carry nothing of V.
+    """
+    q = y.to(torch.float64)
+    rows, width = q.shape[-2], q.shape[-1]
+    tiny = torch.finfo(torch.float64).tiny
+    eps = torch.finfo(torch.float64).eps
+    for number in range(passes):
+        gram = _reduced(torch.matmul(q.mT, q), reduce)
+        trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+        # The first pass needs Fukaya's shift to factor an ill-conditioned Gram; later passes
+        # see a nearly orthonormal basis and only guard its zero columns (a shift shortens
+        # every column by about its relative size).
+        shift = rows * width * eps if number == 0 else eps
+        gram.diagonal(dim1=-2, dim2=-1).add_(trace * shift + tiny)
+        r, _ = torch.linalg.cholesky_ex(gram, upper=True)
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    return q.to(y.dtype)
+
+
+def _srsi_batched(
+    v: Tensor,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    omega: Tensor,
+    warm_start: Tensor | None,
+    reduce=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Unchecked batched S-RSI: v (b, m, n) -> (Q_s (b, m, s), U_s (b, n, s), S (b, s), errors (b, s)).
+
+    ``omega`` (b, n, s - j) is drawn by the caller (one generator per matrix, so each matrix
+    sees exactly the test matrix ``_srsi`` would draw); ``warm_start`` (b, m, j) or None.
+    ``reduce`` is applied to every sum over V's rows (Gram matrices, Q^T V, ||V||^2); None on
+    one device. A matrix holding NaN/Inf gives NaN factors and errors, never an exception.
+    """
+    m, n = v.shape[-2:]
+    width = min(rank + oversample, m, n)
+    if warm_start is not None and warm_start.shape[-1] > 0:
+        kept = warm_start[..., : min(warm_start.shape[-1], width)].to(v.dtype)
+        y = torch.cat([kept, torch.bmm(v, omega)], dim=-1)
+    else:
+        y = torch.bmm(v, omega)
+    q = _cholesky_qr_batched(y, reduce)
+    for _ in range(power_iters):
+        # V^T Q as (Q^T V)^T, as in _srsi; its rows live on the n side (not sharded).
+        z = _cholesky_qr_batched(_reduced(torch.bmm(q.mT, v), reduce).mT)
+        q = _cholesky_qr_batched(torch.bmm(v, z), reduce)
+    b = _reduced(torch.bmm(q.mT, v), reduce)  # (batch, s, n)
+    b64 = b.to(torch.float64)
+    gram = torch.bmm(b64, b64.mT)
+    # A non-finite matrix must not make the eigensolver raise: give it a zero Gram (its NaN
+    # Frobenius norm still marks its errors NaN for the caller).
+    finite = torch.isfinite(gram).all(dim=-1).all(dim=-1)
+    gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
+    evals, evecs = torch.linalg.eigh(gram)
+    evals = evals.flip(-1).clamp_(min=0.0)
+    w = evecs.flip(-1)
+    s = evals.sqrt()
+    q_rot = torch.bmm(q, w.to(v.dtype))
+    u_rot = torch.bmm(b.mT, w.to(v.dtype))  # B^T W = Z S
+    # ||V||_F^2 from row norms (no m x n temporary; a float64 norm would cast V to a float64
+    # copy), summed in float64. An overflowing row gives inf errors: the rank rule's top rank.
+    total = _reduced(torch.linalg.vector_norm(v, dim=-1).to(torch.float64).square().sum(-1), reduce)
+    total = torch.where(finite, total, torch.full_like(total, math.nan))
+    captured = torch.cumsum(evals, -1)
+    residual = torch.clamp(total[:, None] - captured, min=0.0).sqrt()
+    safe_norm = torch.where(total > 0, total.sqrt(), torch.ones_like(total))[:, None]
+    errors = torch.where(total[:, None] > 0, residual / safe_norm, torch.zeros_like(residual))
+    errors = torch.where(torch.isnan(total)[:, None], total[:, None].expand_as(errors), errors)
+    return q_rot, u_rot, s.to(v.dtype), errors
+
+
+def srsi_batched(
+    v: Tensor,
+    rank: int,
+    *,
+    oversample: int = 5,
+    power_iters: int = 5,
+    generators: list[torch.Generator] | None = None,
+    warm_start: Tensor | None = None,
+) -> list[LowRankFactors]:
+    """S-RSI on a stack of same-shape matrices v (b, m, n) at once; one factor set per matrix.
+
+    Matrix i draws its test matrix from ``generators[i]`` exactly as ``srsi`` would, so
+    ``srsi_batched(stack(vs), k, generators=gs)[i]`` and ``srsi(vs[i], k, generator=gs[i])``
+    span the same subspace. Differences from ``srsi``: Cholesky-QR and an eigendecomposition
+    of B B^T (see the section comment); the singular values are square roots of eigenvalues.
+    """
+    if not isinstance(v, Tensor) or v.ndim != 3:
+        raise ValueError(f"expected a stack of matrices (3-D tensor), got {getattr(v, 'shape', type(v))}")
+    for matrix in v:
+        _check_matrix(matrix)
+    if v.dtype not in (torch.float32, torch.float64):
+        v = v.float()
+    _check_rank(rank)
+    _check_nonnegative_int(oversample, "oversample")
+    _check_nonnegative_int(power_iters, "power_iters")
+    batch, m, n = v.shape
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"expected {batch} generators (one per matrix), got {len(generators)}")
+    if warm_start is not None and (warm_start.ndim != 3 or warm_start.shape[:2] != (batch, m)):
+        raise ValueError(f"warm_start must have shape ({batch}, {m}, j), got {tuple(warm_start.shape)}")
+    if v.numel() == 0:
+        return [_empty_factors(matrix, min(rank, m, n)) for matrix in v]
+    width = min(rank + oversample, m, n)
+    kept = 0 if warm_start is None else min(warm_start.shape[-1], width)
+    omega = torch.stack(
+        [
+            torch.randn(
+                n,
+                width - kept,
+                generator=None if generators is None else generators[i],
+                device=v.device,
+                dtype=v.dtype,
+            )
+            for i in range(batch)
+        ]
+    )
+    q, u, s, errors = _srsi_batched(v, rank, oversample, power_iters, omega, warm_start)
+    k = min(rank, q.shape[-1])
+    return [LowRankFactors(q[i, :, :k], u[i, :, :k], s[i], errors[i]) for i in range(batch)]
 
 
 def adaptive_rank(

@@ -307,3 +307,103 @@ def test_srsi_never_beats_the_optimum_and_stays_close(m, n, k, seed):
     assert math.isfinite(ours)
     assert ours >= optimum - 1e-9
     assert ours <= optimum * 1.01 + 1e-7
+
+
+# --------------------------------------------------------------------------- batched S-RSI
+
+
+@pytest.mark.parametrize("shape", [(120, 40), (40, 120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_srsi_batched_matches_exact_svd_error(shape, dtype, k):
+    """Cholesky-QR and the B B^T eigendecomposition keep S-RSI within 1.01x of the optimum."""
+    vs = torch.stack([second_moment(*shape, dtype=dtype, seed=s) for s in range(3)])
+    gens = [torch.Generator().manual_seed(10 + s) for s in range(3)]
+    for v, f in zip(vs, lowrank.srsi_batched(vs, k, oversample=5, power_iters=5, generators=gens)):
+        assert f.q.shape == (shape[0], k) and f.u.shape == (shape[1], k) and f.q.dtype == dtype
+        ours = lowrank.relative_error(v, f.reconstruct())
+        optimum = exact_error(v, k)
+        assert optimum * (1 - 1e-6) <= ours <= optimum * 1.01 + 1e-6
+        assert f.error == pytest.approx(ours, rel=1e-3, abs=1e-5)
+
+
+def test_srsi_batched_equals_srsi_on_the_same_test_matrices():
+    vs = torch.stack([second_moment(80, 60, seed=s) for s in range(4)])
+    warm = torch.linalg.qr(
+        torch.randn(4, 80, 3, dtype=vs.dtype, generator=torch.Generator().manual_seed(0))
+    ).Q
+    batched = lowrank.srsi_batched(
+        vs,
+        8,
+        oversample=4,
+        power_iters=3,
+        generators=[torch.Generator().manual_seed(s) for s in range(4)],
+        warm_start=warm,
+    )
+    for s, (v, f) in enumerate(zip(vs, batched)):
+        loop = lowrank.srsi(
+            v, 8, oversample=4, power_iters=3, generator=torch.Generator().manual_seed(s), warm_start=warm[s]
+        )
+        torch.testing.assert_close(f.reconstruct(), loop.reconstruct(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(f.singular_values, loop.singular_values, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(f.relative_errors, loop.relative_errors, rtol=1e-7, atol=1e-12)
+        torch.testing.assert_close(f.q.T @ f.q, torch.eye(8, dtype=v.dtype), atol=1e-12, rtol=0)
+
+
+def test_cholesky_qr_is_orthonormal_for_ill_conditioned_and_rank_deficient_stacks():
+    g = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(200, 6, generator=g)).Q
+    scales = torch.tensor([1.0, 1e-2, 1e-4, 1e-6, 1e-7, 1e-8])
+    ill = left * scales  # float32, condition number 1e8
+    deficient = torch.cat([left[:, :3], left[:, :3] @ torch.randn(3, 3, generator=g)], dim=1)
+    q = lowrank._cholesky_qr_batched(torch.stack([ill, deficient, torch.zeros(200, 6)]))
+    assert torch.isfinite(q).all()
+    # The ill-conditioned basis: orthonormal to float32 round-off, spanning the same space.
+    torch.testing.assert_close(q[0].T @ q[0], torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q[0] @ (q[0].T @ left), left, atol=1e-5, rtol=0)
+    # Rank 3 of 6: the basis spans the 3 directions; the zero stack gives zero columns.
+    torch.testing.assert_close(q[1] @ (q[1].T @ left[:, :3]), left[:, :3], atol=1e-5, rtol=0)
+    assert float(torch.linalg.matrix_norm(q[1].T @ q[1], ord=2)) <= 1 + 1e-5
+    assert torch.equal(q[2], torch.zeros(200, 6))
+
+
+def test_cholesky_qr_reduce_hook_sees_every_row_gram():
+    """The seam for row-sharded V: splitting the rows in two and summing the Gram matrices of
+    the halves (what an all-reduce does) gives the same basis as the whole matrix."""
+    y = torch.randn(2, 100, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    whole = lowrank._cholesky_qr_batched(y)
+    top, bottom = y[:, :40], y[:, 40:]
+    other = {"rows": bottom}
+
+    def all_reduce(gram):  # stands in for dist.all_reduce over the two shards
+        q_other = other["rows"]
+        return gram + q_other.mT @ q_other
+
+    # Shard "top" sees the other shard's rows through the hook; both passes need them.
+    def sharded(y_top, y_bottom):
+        q_top, q_bottom = y_top, y_bottom
+        for _ in range(2):
+            other["rows"] = q_bottom
+            q_top_next = lowrank._cholesky_qr_batched(q_top, reduce=all_reduce, passes=1)
+            other["rows"] = q_top
+            q_bottom = lowrank._cholesky_qr_batched(q_bottom, reduce=all_reduce, passes=1)
+            q_top = q_top_next
+        return torch.cat([q_top, q_bottom], dim=1)
+
+    torch.testing.assert_close(sharded(top, bottom), whole, rtol=0, atol=1e-12)
+
+
+def test_srsi_batched_nonfinite_matrix_gives_nan_errors_not_an_exception():
+    vs = torch.stack([second_moment(30, 20), second_moment(30, 20, seed=1)])
+    vs[1, 2, 3] = float("nan")
+    *_, errors = lowrank._srsi_batched(vs, 3, 2, 1, torch.randn(2, 20, 5, dtype=vs.dtype), None)
+    assert torch.isfinite(errors[0]).all() and torch.isnan(errors[1]).all()
+
+
+def test_srsi_batched_validates_its_input():
+    with pytest.raises(ValueError, match="3-D"):
+        lowrank.srsi_batched(torch.ones(3, 3), 1)
+    with pytest.raises(ValueError, match="2 generators"):
+        lowrank.srsi_batched(torch.ones(2, 3, 3), 1, generators=[torch.Generator()])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowrank.srsi_batched(torch.full((2, 3, 3), float("inf")), 1)

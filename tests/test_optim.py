@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import adapprox_cli.optim as optim_module
 from adapprox_cli.optim import Adapprox, adapprox, is_factored
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -24,6 +25,14 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["loop", "foreach"])
+def implementation(request, monkeypatch):
+    """Every test runs on both implementations: the loop and the batched multi-tensor path
+    (what ``foreach=None`` would pick is overridden; explicit ``foreach=`` still wins)."""
+    monkeypatch.setattr(optim_module, "_default_to_multi_tensor", lambda params: request.param)
+    return request.param
 
 
 # --------------------------------------------------------------------------- reference
