@@ -12,7 +12,7 @@ from typing import Any
 
 from adapprox_cli.errors import InputError
 
-__all__ = ["check_at_least", "check_learning_rate", "check_tol"]
+__all__ = ["check_at_least", "check_beta", "check_learning_rate", "check_tol"]
 
 
 def check_tol(value: Any, option: str = "--tol") -> float:
@@ -47,3 +47,11 @@ def check_at_least(value: Any, minimum: int, option: str, meaning: str = "") -> 
         hint = f" ({minimum}: {meaning})" if meaning else ""
         raise InputError(f"{option} {value}: must be an integer >= {minimum}{hint}")
     return value
+
+
+def check_beta(value: Any, option: str = "--beta1") -> float:
+    """A moment's decay rate in [0, 1) (0 keeps no average)."""
+    beta = float(value)
+    if not 0 <= beta < 1:
+        raise InputError(f"{option} {value}: a decay rate must be in [0, 1) (0 keeps no average), e.g. 0.9")
+    return beta

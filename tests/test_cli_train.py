@@ -88,6 +88,8 @@ def test_bad_option_values_are_refused_naming_the_option(tmp_path):
         ("--tol", "2"),
         ("--tol", "-0.1"),
         ("--steps", "0"),
+        ("--rank-max", "0"),
+        ("--beta1", "2"),
     ]:
         result = runner.invoke(app, ["train", str(checkpoint), option, value, "--out", str(tmp_path / "o")])
         _one_line_error(result, option)
@@ -96,6 +98,10 @@ def test_bad_option_values_are_refused_naming_the_option(tmp_path):
     result = runner.invoke(app, ["convert", str(checkpoint), "-o", str(tmp_path / "c.pt"), "--tol", "2"])
     _one_line_error(result, "--tol 2")
     assert "must be in [0, 1)" in result.output and not (tmp_path / "c.pt").exists()
+    for option, value in [("--rank", "0"), ("--rank-max", "0"), ("--beta1", "1.5")]:
+        result = runner.invoke(app, ["convert", str(checkpoint), "-o", str(tmp_path / "c.pt"), option, value])
+        _one_line_error(result, f"{option} {value}")
+    _one_line_error(runner.invoke(app, ["demo", "--steps", "0"]), "--steps 0")
     estimate = runner.invoke(app, ["estimate", str(checkpoint), "--tol", "2"])
     assert estimate.exit_code == 2 and "[0, 1)" in estimate.output
 

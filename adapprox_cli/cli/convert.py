@@ -11,6 +11,7 @@ from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import CheckpointPath, JsonOption, OptimizerIndexOption, SeedOption, TrustOption
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
+from adapprox_cli.validation import check_at_least, check_beta
 
 
 @app.command("convert")
@@ -73,6 +74,11 @@ def convert_command(
 
     if to is not None and to not in ("adapprox", "adamw"):
         raise InputError(f"--to {to!r}: choose adapprox or adamw")
+    for option, value in (("--rank", rank), ("--rank-max", rank_max)):
+        if value is not None:
+            check_at_least(value, 1, option)
+    if beta1 is not None:
+        check_beta(beta1)
     settings = {"rank_max": rank_max, "first_moment": first_moment, "seed": seed}
     with callback_progress("factoring", show_progress(json_output)) as update:
         report = convert_checkpoint(

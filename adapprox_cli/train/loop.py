@@ -57,7 +57,7 @@ from adapprox_cli.train.model import (
     nanogpt_learning_rate,
     nanogpt_param_groups,
 )
-from adapprox_cli.validation import check_at_least, check_learning_rate, check_tol
+from adapprox_cli.validation import check_at_least, check_beta, check_learning_rate, check_tol
 
 __all__ = [
     "OPTIMIZERS",
@@ -606,8 +606,13 @@ def _validate(config: TrainConfig) -> None:
         check_learning_rate(config.learning_rate, "--lr")
     if config.min_lr is not None:
         check_learning_rate(config.min_lr, "--min-lr")
-    if config.optimizer_options.get("tol") is not None:
-        check_tol(config.optimizer_options["tol"])
+    options = config.optimizer_options
+    if options.get("tol") is not None:
+        check_tol(options["tol"])
+    if options.get("rank_max") is not None:
+        check_at_least(options["rank_max"], 1, "--rank-max")
+    if options.get("beta1") is not None:
+        check_beta(options["beta1"])
     if config.resume and config.force:
         raise InputError("--resume continues the run in --out, --force replaces it: pass one of them")
 
