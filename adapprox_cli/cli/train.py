@@ -16,6 +16,7 @@ from adapprox_cli.validation import check_at_least
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     path: Annotated[
         Path,
         typer.Argument(
@@ -24,11 +25,8 @@ def train_command(
         ),
     ],
     steps: Annotated[
-        int | None,
-        typer.Option(
-            "--steps", help="Optimizer steps to run after the checkpoint's iter_num.", show_default="100"
-        ),
-    ] = None,
+        int, typer.Option("--steps", help="Optimizer steps to run after the checkpoint's iter_num.")
+    ] = 100,
     until: Annotated[
         int | None,
         typer.Option(
@@ -202,9 +200,11 @@ def train_command(
         raise InputError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if compare is not None and compare not in ("adamw", "adafactor", "adapprox"):
         raise InputError(f"--compare {compare!r}: choose adamw or adafactor")
-    if steps is not None and until is not None:
+    # By name: Typer may vendor click, whose ParameterSource enum then lives elsewhere.
+    steps_given = getattr(ctx.get_parameter_source("steps"), "name", None) == "COMMANDLINE"
+    if steps_given and until is not None:
         raise InputError("--steps and --until both say how long to train: pass one of them")
-    check_at_least(steps if steps is not None else 100, 1, "--steps")
+    check_at_least(steps, 1, "--steps")
     if plot is not None:
         from adapprox_cli.plots import check_plot_path
 
@@ -214,7 +214,7 @@ def train_command(
     run_name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}".strip("-")
     config = TrainConfig(
         checkpoint=path,
-        steps=steps if steps is not None else 100,
+        steps=steps,
         until=until,
         optimizer=optimizer,
         model=model,
