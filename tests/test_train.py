@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,14 @@ def test_schedule_still_running_keeps_its_shape_with_a_new_peak(checkpoint):
         [nanogpt_learning_rate(i, 1e-2, 4, 40, 2e-4) for i in (3, 4)]
     )
     assert result.notes == []
+
+
+def test_comparison_checks_every_out_dir_before_training_and_resumes_each_run(checkpoint, tmp_path):
+    config = _config(checkpoint, steps=1, out_dir=tmp_path / "cmp", final_eval=False)
+    compare_optimizers(config, ["adamw"])
+    (tmp_path / "cmp" / "adapprox" / "ckpt.pt").unlink()  # only AdamW's run is left in --out
+    with pytest.raises(InputError, match=r"adamw.ckpt\.pt exists from an earlier run; pass --resume"):
+        compare_optimizers(config, ["adamw"])
+    assert not (tmp_path / "cmp" / "adapprox" / "ckpt.pt").exists()  # refused before Adapprox trained
+    resumed = compare_optimizers(replace(config, resume=True), ["adamw"])
+    assert resumed["adapprox"].start_iter == 3 and resumed["adamw"].start_iter == 4
