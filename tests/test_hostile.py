@@ -243,3 +243,20 @@ def test_train_refuses_a_batch_whose_activations_cannot_fit(base, monkeypatch, t
     with pytest.raises(InputError, match=r"needs about .* of activations, more than the 64\.00 KiB"):
         loop.train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_bars_show_names_literally(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from adapprox_cli import render
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200, color_system=None)
+    monkeypatch.setattr(render, "stderr_console", lambda: console)
+    with render.callback_progress("factoring [/x]", True) as update:
+        update(1, 2, "[link=http://evil.example]w[/link]\x1b]0;t\x07")
+    text = buffer.getvalue()
+    assert "[link=http://evil.example]w[/link]" in text and "factoring [/x]" in text
+    assert "\x07" not in text and "\x1b]0" not in text

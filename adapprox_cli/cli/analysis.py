@@ -65,13 +65,15 @@ def _show_progress(json_output: bool) -> bool:
 @contextlib.contextmanager
 def _progress(description: str, enabled: bool) -> Iterator[Any]:
     """A bar on stderr driven by the library's ``progress(done, total, name)`` callback."""
-    from adapprox_cli.render import progress
+    from adapprox_cli.render import progress, safe_text
 
     with progress(enabled) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(safe_text(description), total=None)
 
         def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{description} {name}".rstrip())
+            bar.update(
+                task, completed=done, total=total, description=safe_text(f"{description} {name}".rstrip())
+            )
 
         yield update
 
