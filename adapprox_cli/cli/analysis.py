@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +14,7 @@ import typer
 from adapprox_cli.analysis import common_name_prefix
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import (
-    CheckpointPath,
+    CheckpointPaths,
     DeviceOption,
     DtypeOption,
     JsonOption,
@@ -28,10 +28,12 @@ from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
 
-_OptionalPath = Annotated[
-    Path | None,
+_OptionalPaths = Annotated[
+    list[Path] | None,
     typer.Argument(
-        help="A checkpoint file or directory (as for spectrum); omit with --shapes.", show_default=False
+        help="A checkpoint, several, or a run directory (as for spectrum); omit with --shapes.",
+        show_default=False,
+        metavar="[PATH...]",
     ),
 ]
 _Oversample = Annotated[int, typer.Option("--oversample", min=0, help="Extra sketch columns p.")]
@@ -127,12 +129,120 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+# --------------------------------------------------------------------------- one checkpoint or a run
+
+
+def _analyse(
+    paths: list[Path],
+    kind: str,
+    analyse: Callable[[Any, Path, str], Any],
+    render: Callable[[Any], None],
+    *,
+    json_output: bool,
+    plot: Path | None,
+    trust_checkpoint: bool,
+    optimizer_index: int,
+) -> None:
+    """One checkpoint as before, or every stage of a run one at a time, then a summary across them.
+
+    ``analyse(checkpoint, path, progress_label)`` computes one stage's report. A lone checkpoint
+    path keeps the single-report output (and JSON shape); a run directory or several paths give
+    a table per stage, a summary and ``{"stages": [...]}`` JSON. A stage that fails is reported
+    in one line and the others go on; the exit code is then 2.
+    """
+    from adapprox_cli.analysis import analyse_run
+    from adapprox_cli.checkpoints.runs import find_stages
+    from adapprox_cli.render import print_json, warn
+
+    found = find_stages(paths, trust_checkpoint=trust_checkpoint)
+    given = paths[0].expanduser()
+    if len(paths) == 1 and len(found.stages) == 1 and found.stages[0].path == given:
+        report = analyse(_load(given, trust_checkpoint, optimizer_index, json_output), given, kind)
+        if json_output:
+            print_json(report.to_dict())
+        else:
+            render(report)
+        _plot(kind, report, plot)
+        return
+    for path, why in found.skipped:
+        warn(f"{path}: skipped ({why})")
+    label = {"text": kind}
+
+    def on_stage(i: int, total: int, stage: Any) -> None:
+        label["text"] = f"stage {i}/{total} {kind}"
+
+    def on_result(i: int, total: int, result: Any) -> None:
+        if result.report is None:
+            _print_stage_error(f"stage {i}/{total} failed: {result.error}")
+        elif not json_output:
+            from adapprox_cli.render import stdout_console
+
+            step = "" if result.step is None else f" (step {result.step})"
+            stdout_console().rule(f"stage {i}/{total}: {result.path}{step}", align="left")
+            render(result.report)
+
+    run = analyse_run(
+        found.stages,
+        lambda path: _load(path, trust_checkpoint, optimizer_index, json_output),
+        lambda checkpoint, path: analyse(checkpoint, path, label["text"]),
+        kind=kind,
+        skipped=found.skipped,
+        on_stage=on_stage,
+        on_result=on_result,
+    )
+    if json_output:
+        print_json(run.to_dict())
+    else:
+        _render_trends(run)
+    if plot is not None and any(s.report is not None for s in run.stages):
+        _plot(f"{kind}_run", run, plot)
+    if run.failed:
+        raise typer.Exit(2)
+
+
+def _print_stage_error(message: str) -> None:
+    from adapprox_cli.render import stderr_console
+
+    stderr_console().print(f"[red]Error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _trend_value(quantity: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if quantity == "bytes":
+        return f"{int(value):,}"
+    if quantity.startswith("rank"):
+        return str(int(value))
+    return _num(value, 4)
+
+
+def _render_trends(run: Any) -> None:
+    from adapprox_cli.render import stdout_console, table
+
+    stages = [s for s in run.stages]
+    headers = [f"step {s.step}" if s.step is not None else Path(s.path).name for s in stages]
+    prefix = common_name_prefix([t.name for t in run.trends if not t.name.startswith("all matrices")])
+    rows = []
+    previous = None
+    for t in run.trends:
+        name = t.name.removeprefix(prefix) if t.name != previous else ""
+        previous = t.name
+        change = "-" if t.change is None else f"x{t.change:.2f}"
+        rows.append((name, t.quantity, *(_trend_value(t.quantity, v) for v in t.values), change, t.direction))
+    title = f"{run.kind} across {len(stages)} stages" + (f" (names under {prefix})" if prefix else "")
+    columns = ["name", "quantity", *headers, "last / first", "trend"]
+    stdout_console().rule("summary", align="left")
+    _print_table(_wrapping(table(title, columns, rows, right_from=2)))
+    if run.failed:
+        stdout_console().print(f"{len(run.failed)} of {len(stages)} stages failed to read (shown as -)")
+
+
 # --------------------------------------------------------------------------- spectrum
 
 
 @app.command()
 def spectrum(
-    path: CheckpointPath,
+    path: CheckpointPaths,
     top: Annotated[
         int, typer.Option("--top", min=1, help="How many leading singular values to report.")
     ] = 60,
@@ -177,29 +287,35 @@ def spectrum(
     from adapprox_cli.analysis import spectrum_report
 
     _check_plot(plot)
-    checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
-    moments = _moments(checkpoint, params, moment)
-    with _progress("spectrum", _show_progress(json_output)) as update:
-        report = spectrum_report(
-            moments,
-            top=top,
-            method=method,
-            oversample=oversample,
-            power_iters=iters,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            progress=update,
-        )
-    report.settings["moment"] = moment
-    report.settings["path"] = str(path)
-    if json_output:
-        from adapprox_cli.render import print_json
 
-        print_json(report.to_dict())
-    else:
-        _render_spectrum(report)
-    _plot("spectrum", report, plot)
+    def analyse(checkpoint: Any, path: Path, label: str) -> Any:
+        moments = _moments(checkpoint, params, moment)
+        with _progress(label, _show_progress(json_output)) as update:
+            report = spectrum_report(
+                moments,
+                top=top,
+                method=method,
+                oversample=oversample,
+                power_iters=iters,
+                dtype=dtype,
+                device=device,
+                seed=seed,
+                progress=update,
+            )
+        report.settings["moment"] = moment
+        report.settings["path"] = str(path)
+        return report
+
+    _analyse(
+        path,
+        "spectrum",
+        analyse,
+        _render_spectrum,
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
 
 
 def _render_spectrum(report: Any) -> None:
@@ -265,7 +381,7 @@ def _print_table(t: Any) -> None:
 
 @app.command()
 def compare(
-    path: CheckpointPath,
+    path: CheckpointPaths,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank k of the low-rank methods.")] = 5,
     oversample: _Oversample = 5,
     iters: _Iters = 5,
@@ -306,31 +422,37 @@ def compare(
 
     _check_plot(plot)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
-    moments = _moments(checkpoint, params)
-    heads = num_heads or _num_heads(checkpoint)
-    with _progress("compare", _show_progress(json_output)) as update:
-        report = compare_methods(
-            moments,
-            names,
-            rank=rank,
-            oversample=oversample,
-            power_iters=iters,
-            num_heads=heads,
-            adam_mini_default=adam_mini_default,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            progress=update,
-        )
-    report.settings["path"] = str(path)
-    if json_output:
-        from adapprox_cli.render import print_json
 
-        print_json(report.to_dict())
-    else:
-        _render_compare(report, long)
-    _plot("compare", report, plot)
+    def analyse(checkpoint: Any, path: Path, label: str) -> Any:
+        moments = _moments(checkpoint, params)
+        heads = num_heads or _num_heads(checkpoint)
+        with _progress(label, _show_progress(json_output)) as update:
+            report = compare_methods(
+                moments,
+                names,
+                rank=rank,
+                oversample=oversample,
+                power_iters=iters,
+                num_heads=heads,
+                adam_mini_default=adam_mini_default,
+                dtype=dtype,
+                device=device,
+                seed=seed,
+                progress=update,
+            )
+        report.settings["path"] = str(path)
+        return report
+
+    _analyse(
+        path,
+        "compare",
+        analyse,
+        lambda report: _render_compare(report, long),
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
 
 
 def _long_row(r: Any) -> tuple:
@@ -408,7 +530,7 @@ def _render_compare(report: Any, long: bool) -> None:
 
 @app.command()
 def estimate(
-    path: _OptionalPath = None,
+    path: _OptionalPaths = None,
     tol: Annotated[
         list[float] | None,
         typer.Option(
@@ -468,7 +590,7 @@ def estimate(
     from adapprox_cli.analysis import estimate_memory, estimate_preset
 
     _check_plot(plot)
-    if (path is None) == (shapes is None):
+    if (not path) == (shapes is None):
         raise InputError("give a checkpoint PATH or --shapes PRESET (one of them)")
     if shapes is not None:
         if tol or rank_max or params:
@@ -479,11 +601,19 @@ def estimate(
             galore_rank=galore_rank,
             adam_mini_default=adam_mini_default,
         )
-    else:
-        checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
+        if json_output:
+            from adapprox_cli.render import print_json
+
+            print_json(report.to_dict())
+        else:
+            _render_estimate(report)
+        _plot("estimate", report, plot)
+        return
+
+    def analyse(checkpoint: Any, source: Path, label: str) -> Any:
         moments = _moments(checkpoint, params)
-        with _progress("estimate", _show_progress(json_output)) as update:
-            report = estimate_memory(
+        with _progress(label, _show_progress(json_output)) as update:
+            return estimate_memory(
                 moments,
                 tolerances=tol or (0.05,),
                 rank_max=rank_max,
@@ -498,16 +628,20 @@ def estimate(
                 dtype=dtype,
                 device=device,
                 seed=seed,
-                source=str(path),
+                source=str(source),
                 progress=update,
             )
-    if json_output:
-        from adapprox_cli.render import print_json
 
-        print_json(report.to_dict())
-    else:
-        _render_estimate(report)
-    _plot("estimate", report, plot)
+    _analyse(
+        path,
+        "estimate",
+        analyse,
+        _render_estimate,
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
 
 
 def _state_bytes_per_number(checkpoint: Any) -> int:

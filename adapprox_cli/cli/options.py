@@ -18,6 +18,16 @@ CheckpointPath = Annotated[
         show_default=False,
     ),
 ]
+# spectrum, compare and estimate read one checkpoint or a whole run, one stage at a time.
+CheckpointPaths = Annotated[
+    list[Path],
+    typer.Argument(
+        help=f"A checkpoint ({_FORMAT_LIST}), several, or a run directory holding them "
+        "(checkpoint-N/, *step=N.ckpt, numbered files): analysed stage by stage in training order.",
+        show_default=False,
+        metavar="PATH...",
+    ),
+]
 ParamsRegex = Annotated[
     str | None,
     typer.Option("--params", help="Only parameters whose name matches this regular expression (re.search)."),
