@@ -783,6 +783,39 @@ PEER_OPTIMIZERS = (
     PeerOptimizer(
         "galore", "GaLore", lambda ns, g, h, d: (f"r={g}", memory.galore_state_numbers(_shapes(ns), g), 0)
     ),
+    PeerOptimizer(
+        "coap", "COAP", lambda ns, g, h, d: (f"r={g}", memory.coap_state_numbers(_shapes(ns), g), 0)
+    ),
+    PeerOptimizer(
+        "adalomo", "AdaLomo", lambda ns, g, h, d: ("", memory.adalomo_state_numbers(_shapes(ns)), 0)
+    ),
+    PeerOptimizer("badam", "BAdam", lambda ns, g, h, d: ("active block", memory.badam_state_numbers(ns), 0)),
+    PeerOptimizer(
+        "microadam",
+        "MicroAdam",
+        lambda ns, g, h, d: (
+            f"m={memory.MICROADAM_WINDOW}, 1%",
+            0,
+            memory.microadam_state_bits(_shapes(ns)),
+        ),
+    ),
+    PeerOptimizer(
+        "torchao_adamw8bit",
+        "torchao AdamW8bit",
+        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=8)),
+    ),
+    PeerOptimizer(
+        "torchao_adamw4bit",
+        "torchao AdamW4bit",
+        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=4)),
+    ),
+    PeerOptimizer("lion", "Lion", lambda ns, g, h, d: ("", memory.lion_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("muon", "Muon", lambda ns, g, h, d: ("+AdamW", memory.muon_state_numbers(ns), 0)),
+    PeerOptimizer("fadam", "FAdam", lambda ns, g, h, d: ("", memory.adamw_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("soap", "SOAP", lambda ns, g, h, d: ("", memory.soap_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer(
+        "shampoo", "Shampoo", lambda ns, g, h, d: ("", memory.shampoo_state_numbers(_shapes(ns)), 0)
+    ),
 )
 
 _LABELS = {

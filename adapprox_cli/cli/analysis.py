@@ -668,7 +668,7 @@ def _render_estimate(report: Any) -> None:
             console.print("* k_max reached before the tolerance (raise it with --rank-max)")
     columns = ["optimizer", "setting", "state", "bytes", "saved vs AdamW"]
     rows = [
-        [r.label, r.setting, human_bytes(r.bytes), f"{r.bytes:,}", f"{r.saving_percent:.2f}%"]
+        [r.label, r.setting, human_bytes(r.bytes), f"{r.bytes:,}", _saving(r.saving_percent)]
         for r in report.memory
     ]
     console.print(
@@ -676,3 +676,30 @@ def _render_estimate(report: Any) -> None:
         f"{report.bytes_per_number}-byte values"
     )
     _print_table(table("Optimizer-state memory", columns, rows, right_from=2))
+    console.print(_verdict(report))
+
+
+def _saving(percent: float) -> str:
+    # SOAP and Shampoo store more than AdamW: say so rather than print a negative saving.
+    return f"{percent:.2f}%" if percent >= 0 else f"{-percent:.2f}% more"
+
+
+def _verdict(report: Any) -> str:
+    """One line: what Adapprox keeps against AdamW at each setting, and the smallest state listed."""
+    from adapprox_cli.render import human_bytes
+
+    adamw = next(r for r in report.memory if r.optimizer == "adamw")
+    without_m = {r.setting: r for r in report.memory if r.optimizer == "adapprox_no_m"}
+    parts = []
+    for r in (r for r in report.memory if r.optimizer == "adapprox"):
+        share = f"{100 - r.saving_percent:.1f}%"
+        lean = without_m.get(r.setting)
+        lean_share = f" (beta1=0: {100 - lean.saving_percent:.1f}%)" if lean else ""
+        parts.append(f"{r.setting} keeps {human_bytes(r.bytes)}, {share} of AdamW's{lean_share}")
+    smallest = min(report.memory, key=lambda r: r.bytes)
+    name = f"{smallest.label} {smallest.setting}".strip()
+    return (
+        f"Verdict: AdamW keeps {human_bytes(adamw.bytes)}; Adapprox at "
+        + "; at ".join(parts)
+        + f". Smallest here: {name}, {human_bytes(smallest.bytes)}."
+    )
