@@ -73,8 +73,10 @@ __all__ = [
     "as_moments",
     "common_name_prefix",
     "compare_methods",
+    "estimate_config",
     "estimate_memory",
     "estimate_preset",
+    "estimate_shapes",
     "exact_squared_singular_values",
     "gram_eigenvalues",
     "moments_from_checkpoint",
@@ -86,6 +88,7 @@ __all__ = [
     "spectrum_report",
     "stage_quantities",
     "tail_errors",
+    "training_totals",
 ]
 
 ProgressCallback = Callable[[int, int, str], None]  # (matrices done, matrices in all, current name)
@@ -734,9 +737,11 @@ class EstimateReport:
     matrices: list[MatrixRanks]
     memory: list[MemoryRow]
     settings: dict[str, Any]
+    # Planning from shapes: per row, weights + gradients + state at each of PRECISIONS.
+    totals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "parameters": self.parameters,
             "bytes_per_number": self.bytes_per_number,
@@ -745,6 +750,9 @@ class EstimateReport:
             "matrices": [m.to_dict() for m in self.matrices],
             "memory": [r.to_dict() for r in self.memory],
         }
+        if self.totals:
+            out["training_totals"] = self.totals
+        return out
 
 
 @dataclass(frozen=True)
@@ -1022,9 +1030,54 @@ def estimate_preset(
     """
     if preset not in memory.PRESETS:
         raise InputError(f"--shapes must be one of {', '.join(memory.PRESETS)}, got {preset!r}")
+    return estimate_shapes(
+        memory.preset_named_shapes(preset),
+        preset,
+        ranks,
+        galore_rank=galore_rank,
+        bytes_per_number=bytes_per_number,
+        num_heads=memory.PRESET_HEADS.get(preset),
+        adam_mini_default=adam_mini_default,
+    )
+
+
+def estimate_config(
+    config: dict[str, Any],
+    source: str,
+    ranks: Sequence[int | None] = (None, 1),
+    *,
+    galore_rank: int = 128,
+    adam_mini_default: str = "row",
+) -> EstimateReport:
+    """Memory of the model a Hugging Face config.json describes, at fixed Adapprox ranks."""
+    from adapprox_cli.model_shapes import config_named_shapes
+
+    named_shapes = config_named_shapes(config, source)
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    return estimate_shapes(
+        named_shapes,
+        source,
+        ranks,
+        galore_rank=galore_rank,
+        num_heads=heads if isinstance(heads, int) and heads > 0 else None,
+        adam_mini_default=adam_mini_default,
+    )
+
+
+def estimate_shapes(
+    named_shapes: list[tuple[str, tuple[int, ...]]],
+    source: str,
+    ranks: Sequence[int | None] = (None, 1),
+    *,
+    galore_rank: int = 128,
+    bytes_per_number: int = 4,
+    num_heads: int | None = None,
+    adam_mini_default: str = "row",
+) -> EstimateReport:
+    """State memory of every optimizer for these parameter shapes at fixed Adapprox ranks, and
+    the training totals (weights + gradients + state) at the usual precisions."""
     if any(k is not None and k < 1 for k in ranks):
         raise InputError(f"--rank must be >= 1, got {', '.join(str(k) for k in ranks)}")
-    named_shapes = memory.preset_named_shapes(preset)
     k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
     settings_ranks: dict[str, int | None] = {}
     for k in ranks:
@@ -1034,12 +1087,36 @@ def estimate_preset(
             label = f"k={k}" if all(k <= km for km in k_maxes) else f"k={k} (clamped to k_max)"
         settings_ranks[label] = k
     rows = _memory_rows(
-        named_shapes, settings_ranks, None, galore_rank, bytes_per_number,
-        memory.PRESET_HEADS.get(preset), adam_mini_default,
-    )  # fmt: skip
+        named_shapes, settings_ranks, None, galore_rank, bytes_per_number, num_heads, adam_mini_default
+    )
     parameters = sum(math.prod(s) for _, s in named_shapes)
     settings = dict(ranks=list(ranks), galore_rank=galore_rank, adam_mini_default=adam_mini_default)
-    return EstimateReport(preset, parameters, bytes_per_number, "fixed", [], rows, settings)
+    report = EstimateReport(source, parameters, bytes_per_number, "fixed", [], rows, settings)
+    report.totals = training_totals(rows, parameters)
+    return report
+
+
+# Bytes per parameter for weights + gradients (+ fp32 master copy), and per state value, of the
+# precisions people train in. Activations are not counted: they depend on batch and sequence.
+PRECISIONS = {
+    "fp32": (4 + 4, 4),  # fp32 weights and gradients, fp32 state
+    "bf16 + fp32 master": (2 + 2 + 4, 4),  # bf16 weights and gradients, fp32 master weights and state
+    "pure bf16": (2 + 2, 2),  # bf16 weights, gradients and state (no master copy)
+}
+
+
+def training_totals(rows: Sequence[MemoryRow], parameters: int) -> list[dict[str, Any]]:
+    """Per optimizer row: weights + gradients + optimizer state, in bytes, for each of PRECISIONS."""
+    totals = []
+    for r in rows:
+        per_precision = {
+            name: parameters * weight_bytes + memory.state_bytes(r.numbers, state_bytes, r.bits)
+            for name, (weight_bytes, state_bytes) in PRECISIONS.items()
+        }
+        totals.append(
+            {"optimizer": r.optimizer, "label": r.label, "setting": r.setting, "bytes": per_precision}
+        )
+    return totals
 
 
 # --------------------------------------------------------------------------- training runs

@@ -551,6 +551,15 @@ def estimate(
             help="A preset instead of a checkpoint: gpt2-124m, gpt2-355m, gpt2-774m, gpt2-1.5b or llama-7b.",
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Plan from a Hugging Face config.json (or its folder) instead of a checkpoint: llama, "
+            "mistral, qwen2, qwen3, gpt2 or gpt_neox, any size.",
+            show_default=False,
+        ),
+    ] = None,
     galore_rank: Annotated[int, typer.Option("--galore-rank", min=1, help="GaLore's projection rank.")] = 128,
     rule: Annotated[
         str,
@@ -578,29 +587,46 @@ def estimate(
     From a checkpoint: per matrix, the rank adaptive S-RSI picks at each --tol and the error
     reached; then the state memory of AdamW, Adapprox with and without first moment, Adafactor,
     CAME, Adam-mini, SMMF and GaLore, in the file's state dtype, and the % saved vs AdamW.
-    With --shapes no checkpoint is needed: memory at fixed ranks (default k_max and 1, the two
-    ends of the paper's range).
+    With --shapes (a preset) or --config (a Hugging Face config.json) no checkpoint is needed:
+    memory at fixed ranks (default k_max and 1, the two ends of the paper's range), and the
+    total of weights, gradients and state at fp32, bf16 with fp32 master and pure bf16.
+    Given a run directory or several checkpoints, ranks and memory are followed over training.
 
     Examples:
 
         adapprox estimate out/ckpt.pt --tol 0.1 --tol 0.05 --tol 0.01 --plot memory.png
 
         adapprox estimate --shapes gpt2-124m --rank 192 --rank 1
+
+        adapprox estimate --config path/to/Qwen3-8B/config.json --rank 8
+
+        adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
     """
     from adapprox_cli.analysis import estimate_memory, estimate_preset
 
     _check_plot(plot)
-    if (not path) == (shapes is None):
-        raise InputError("give a checkpoint PATH or --shapes PRESET (one of them)")
-    if shapes is not None:
+    if sum((bool(path), shapes is not None, config is not None)) != 1:
+        raise InputError("give a checkpoint PATH or --shapes PRESET or --config config.json (one of them)")
+    if shapes is not None or config is not None:
+        flag = "--shapes" if shapes is not None else "--config"
         if tol or rank_max or params:
-            raise InputError("--tol, --rank-max and --params need a checkpoint; with --shapes use --rank")
-        report = estimate_preset(
-            shapes,
-            tuple(rank) if rank else (None, 1),
-            galore_rank=galore_rank,
-            adam_mini_default=adam_mini_default,
-        )
+            raise InputError(f"--tol, --rank-max and --params need a checkpoint; with {flag} use --rank")
+        ranks = tuple(rank) if rank else (None, 1)
+        if shapes is not None:
+            report = estimate_preset(
+                shapes, ranks, galore_rank=galore_rank, adam_mini_default=adam_mini_default
+            )
+        else:
+            from adapprox_cli.analysis import estimate_config
+            from adapprox_cli.model_shapes import load_config
+
+            report = estimate_config(
+                load_config(config),
+                str(config),
+                ranks,
+                galore_rank=galore_rank,
+                adam_mini_default=adam_mini_default,
+            )
         if json_output:
             from adapprox_cli.render import print_json
 
@@ -676,7 +702,25 @@ def _render_estimate(report: Any) -> None:
         f"{report.bytes_per_number}-byte values"
     )
     _print_table(table("Optimizer-state memory", columns, rows, right_from=2))
+    if report.totals:
+        _render_totals(report)
     console.print(_verdict(report))
+
+
+def _render_totals(report: Any) -> None:
+    from adapprox_cli.analysis import PRECISIONS
+    from adapprox_cli.render import human_bytes, stdout_console, table
+
+    columns = ["optimizer", "setting", *PRECISIONS]
+    rows = [
+        [t["label"], t["setting"], *(human_bytes(t["bytes"][p]) for p in PRECISIONS)] for t in report.totals
+    ]
+    title = "Weights + gradients + optimizer state (activations not counted)"
+    _print_table(table(title, columns, rows, right_from=2))
+    stdout_console().print(
+        "fp32: 4-byte weights, gradients and state; bf16 + fp32 master: 2-byte weights and gradients, "
+        "a 4-byte master copy and state; pure bf16: 2 bytes everywhere"
+    )
 
 
 def _saving(percent: float) -> str:
