@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from adapprox_cli.analysis import common_name_prefix
 from adapprox_cli.cli.app import app
@@ -33,7 +34,15 @@ _OptionalPaths = Annotated[
     typer.Argument(
         help="A checkpoint, several, or a run directory (as for spectrum); omit with --shapes.",
         show_default=False,
-        metavar="[PATH...]",
+        metavar="PATH...",
+    ),
+]
+_CsvOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--csv",
+        help="Also write the tables as CSV: to PATH when there is one, else to PATH-<table>.csv for each.",
+        show_default=False,
     ),
 ]
 _Oversample = Annotated[int, typer.Option("--oversample", min=0, help="Extra sketch columns p.")]
@@ -56,6 +65,20 @@ _AdamMiniDefault = Annotated[
 
 
 # --------------------------------------------------------------------------- shared plumbing
+
+
+class _AnalysisCommand(TyperCommand):
+    """Usage reads ``adapprox compare [OPTIONS] PATH...`` (typer would print ``{PATH}...``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
 
 def _show_progress(json_output: bool) -> bool:
@@ -129,6 +152,53 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+class _CsvTables:
+    """The tables a command prints, kept to be written as CSV files when --csv asks for them."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.prefix = ""
+        self.tables: list[tuple[str, list[str], list[tuple[str, ...]]]] = []
+
+    def start(self, path: Path | None) -> None:
+        if path is not None and not path.expanduser().parent.is_dir():
+            raise InputError(f"--csv {path}: the folder {path.parent} does not exist; create it first")
+        self.path, self.prefix, self.tables = path, "", []
+
+    def add(self, name: str, t: Any) -> None:
+        if self.path is not None:
+            headers = [str(c.header) for c in t.columns]
+            self.tables.append((self.prefix + name, headers, list(zip(*(_cells(c) for c in t.columns)))))
+
+    def write(self) -> None:
+        import csv
+
+        from adapprox_cli.atomic_io import atomic_write
+        from adapprox_cli.render import info
+
+        if self.path is None or not self.tables:
+            return
+        path = self.path.expanduser()
+        for name, headers, rows in self.tables:
+            target = (
+                path
+                if len(self.tables) == 1
+                else path.with_name(f"{path.stem}-{name}{path.suffix or '.csv'}")
+            )
+
+            def write(temporary: Path, headers: list[str] = headers, rows: list = rows) -> None:
+                with temporary.open("w", newline="", encoding="utf-8") as handle:
+                    writer = csv.writer(handle)
+                    writer.writerow(headers)
+                    writer.writerows(rows)
+
+            info(f"wrote {atomic_write(target, write)}")
+        self.tables = []
+
+
+_CSV = _CsvTables()
+
+
 # --------------------------------------------------------------------------- one checkpoint or a run
 
 
@@ -162,6 +232,7 @@ def _analyse(
             print_json(report.to_dict())
         else:
             render(report)
+        _CSV.write()
         _plot(kind, report, plot)
         return
     for path, why in found.skipped:
@@ -179,7 +250,9 @@ def _analyse(
 
             step = "" if result.step is None else f" (step {result.step})"
             stdout_console().rule(f"stage {i}/{total}: {result.path}{step}", align="left")
+            _CSV.prefix = f"stage{i}-"
             render(result.report)
+            _CSV.prefix = ""
 
     run = analyse_run(
         found.stages,
@@ -194,6 +267,7 @@ def _analyse(
         print_json(run.to_dict())
     else:
         _render_trends(run)
+    _CSV.write()
     if plot is not None and any(s.report is not None for s in run.stages):
         _plot(f"{kind}_run", run, plot)
     if run.failed:
@@ -224,7 +298,9 @@ def _render_trends(run: Any) -> None:
     prefix = common_name_prefix([t.name for t in run.trends if not t.name.startswith("all matrices")])
     rows = []
     previous = None
-    for t in run.trends:
+    # A peer's memory depends on the shapes only: the same at every stage, so not worth a row here.
+    hidden = [t for t in run.trends if t.quantity == "bytes" and not t.name.startswith(("Adapprox", "AdamW"))]
+    for t in (t for t in run.trends if t not in hidden):
         name = t.name.removeprefix(prefix) if t.name != previous else ""
         previous = t.name
         change = "-" if t.change is None else f"x{t.change:.2f}"
@@ -232,7 +308,9 @@ def _render_trends(run: Any) -> None:
     title = f"{run.kind} across {len(stages)} stages" + (f" (names under {prefix})" if prefix else "")
     columns = ["name", "quantity", *headers, "last / first", "trend"]
     stdout_console().rule("summary", align="left")
-    _print_table(_wrapping(table(title, columns, rows, right_from=2)))
+    _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="trends")
+    if hidden:
+        stdout_console().print(f"{len(hidden)} peer optimizers' memory (the same at every stage): --json")
     if run.failed:
         stdout_console().print(f"{len(run.failed)} of {len(stages)} stages failed to read (shown as -)")
 
@@ -240,7 +318,7 @@ def _render_trends(run: Any) -> None:
 # --------------------------------------------------------------------------- spectrum
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def spectrum(
     path: CheckpointPaths,
     top: Annotated[
@@ -263,6 +341,7 @@ def spectrum(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -287,6 +366,7 @@ def spectrum(
     from adapprox_cli.analysis import spectrum_report
 
     _check_plot(plot)
+    _CSV.start(csv)
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
         moments = _moments(checkpoint, params, moment)
@@ -341,7 +421,7 @@ def _render_spectrum(report: Any) -> None:
     console = stdout_console()
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
     title = f"Spectrum of the {what} moment" + (f" (names under {prefix})" if prefix else "")
-    _print_table(_wrapping(table(title, columns, rows)))
+    _print_table(_wrapping(table(title, columns, rows)), name="spectrum")
     notes = [f"{len(report.matrices)} matrices"]
     if report.skipped:
         notes.append(f"{len(report.skipped)} vectors/scalars skipped")
@@ -361,25 +441,112 @@ def _wrapping(t: Any) -> Any:
     return t
 
 
-def _print_table(t: Any) -> None:
-    """A table on stdout; into a pipe or file at its natural width, never squeezed to 80 columns."""
-    from rich.console import Console
-    from rich.measure import Measurement
+def _print_table(t: Any, *, name: str = "table") -> None:
+    """A table on stdout within the terminal's width (or COLUMNS when set).
+
+    Numbers are never cut: the name column folds first, and when the numeric columns still do
+    not fit they are split over several tables that repeat the leading text columns. Into a pipe
+    without COLUMNS a table keeps its natural width: one line per row, for grep and awk.
+    """
+    import os
 
     from adapprox_cli.render import stdout_console
 
+    _CSV.add(name, t)
     console = stdout_console()
-    if not console.is_terminal:
-        needed = Measurement.get(console, console.options.update_width(1000), t).maximum
-        if needed > console.width:
-            console = Console(highlight=False, width=needed)
-    console.print(t)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        parts = _fit_columns(t, console.width)
+    else:
+        parts = [t]
+        width = _natural_width(t)
+        if width > console.width:
+            from rich.console import Console
+
+            console = Console(highlight=False, width=width)
+    for part in parts:
+        console.print(part)
+
+
+# Box-drawn tables spend 3 characters per column (a border and one space each side) and 1 more.
+_PER_COLUMN, _EDGE = 3, 1
+_MIN_NAME = 14
+
+
+def _natural_width(t: Any) -> int:
+    widths = [max([len(str(c.header)), *(len(x) for x in _cells(c))]) for c in t.columns]
+    return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+
+def _cells(column: Any) -> list[str]:
+    return [str(c) for c in column._cells]
+
+
+def _fit_columns(t: Any, width: int) -> list[Any]:
+    from rich.table import Table
+
+    columns = list(t.columns)
+    keys = next((i for i, c in enumerate(columns) if c.justify != "left"), len(columns)) or 1
+    need = []
+    for c in columns:
+        longest_cell = max((len(x) for x in _cells(c)), default=0)
+        longest_word = max((len(w) for w in str(c.header).split()), default=0)
+        need.append(max(longest_cell, longest_word))
+    natural = [max(n, len(str(c.header))) for n, c in zip(need, columns)]
+
+    def total(widths: list[int]) -> int:
+        return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+    if total(natural) <= width:
+        return [t]
+    name_min = min(natural[0], _MIN_NAME)
+    if keys < len(columns) and total([name_min, *natural[1:]]) > width:
+        # Splitting anyway: let each part keep whole names where the widest column allows.
+        widest = max(need[keys:])
+        name_min = max(name_min, min(natural[0], width - total([0, *need[1:keys], widest])))
+    fixed = [name_min, *need[1:keys]]
+
+    def split(widths: list[int]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        for i in range(keys, len(columns)):
+            if chunks and total(fixed + [widths[j] for j in chunks[-1]] + [widths[i]]) <= width:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    # Whole headers when they cost no extra part; else headers wrap at their spaces.
+    chunks = split(natural)
+    if len(chunks) > len(split(need)) or any(total(fixed + [natural[j] for j in c]) > width for c in chunks):
+        chunks = split(need)
+    else:
+        need = [*need[:keys], *natural[keys:]]
+    parts = []
+    for n, chunk in enumerate(chunks, 1):
+        chosen = list(range(keys)) + chunk
+        spare = width - total([need[j] for j in chosen])
+        widths = {j: need[j] for j in chosen}
+        widths[0] = max(name_min, min(natural[0], need[0] + spare))
+        title = t.title if len(chunks) == 1 else f"{t.title} (part {n}/{len(chunks)})"
+        part = Table(title=title, title_justify="left", header_style="bold")
+        for j in chosen:
+            c = columns[j]
+            part.add_column(
+                c.header,
+                justify=c.justify,
+                width=widths[j],
+                no_wrap=False,
+                overflow="fold",
+            )
+        for row in zip(*(_cells(columns[j]) for j in chosen)):
+            part.add_row(*row)
+        parts.append(part)
+    return parts
 
 
 # --------------------------------------------------------------------------- compare
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def compare(
     path: CheckpointPaths,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank k of the low-rank methods.")] = 5,
@@ -387,10 +554,14 @@ def compare(
     iters: _Iters = 5,
     methods: Annotated[
         str,
-        typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
+        typer.Option(
+            "--methods",
+            help=f"Comma-separated, default all of: {', '.join(METHODS)}.",
+            show_default=False,
+        ),
     ] = ",".join(METHODS),
     long: Annotated[
-        bool, typer.Option("--long", help="One row per matrix and method, with every number.")
+        bool, typer.Option("--long", help="One row per matrix and method, with every number.", metavar="")
     ] = False,
     num_heads: _NumHeads = None,
     adam_mini_default: _AdamMiniDefault = "row",
@@ -398,6 +569,7 @@ def compare(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -421,6 +593,7 @@ def compare(
     from adapprox_cli.analysis import compare_methods
 
     _check_plot(plot)
+    _CSV.start(csv)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
@@ -495,7 +668,9 @@ def _render_compare(report: Any, long: bool) -> None:
             "seconds",
         ]
         rows = [_long_row(r) for r in report.rows]
-        _print_table(table("Approximation error per matrix and method", columns, rows, right_from=2))
+        _print_table(
+            table("Approximation error per matrix and method", columns, rows, right_from=2), name="errors"
+        )
     else:
         prefix = common_name_prefix(report.matrices)
         cells = {(r.name, r.method): r for r in report.rows}
@@ -508,7 +683,9 @@ def _render_compare(report: Any, long: bool) -> None:
         title = f"Relative error ||V - V~||_F / ||V||_F (rank {rank}" + (
             f"; names under {prefix})" if prefix else ")"
         )
-        _print_table(_wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)))
+        _print_table(
+            _wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)), name="errors"
+        )
         console.print("per-matrix ratios to the optimum, numbers stored and times: --long or --json")
     columns = ["method", "rel. error", "/ optimum", "/ rank-1 opt.", "numbers stored", "seconds"]
     rows = [
@@ -522,13 +699,15 @@ def _render_compare(report: Any, long: bool) -> None:
         )
         for s in report.summary
     ]
-    _print_table(table(f"All {len(report.matrices)} matrices (means weighted by size)", columns, rows))
+    _print_table(
+        table(f"All {len(report.matrices)} matrices (means weighted by size)", columns, rows), name="summary"
+    )
 
 
 # --------------------------------------------------------------------------- estimate
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def estimate(
     path: _OptionalPaths = None,
     tol: Annotated[
@@ -577,6 +756,7 @@ def estimate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -605,6 +785,7 @@ def estimate(
     from adapprox_cli.analysis import estimate_memory, estimate_preset
 
     _check_plot(plot)
+    _CSV.start(csv)
     if sum((bool(path), shapes is not None, config is not None)) != 1:
         raise InputError("give a checkpoint PATH or --shapes PRESET or --config config.json (one of them)")
     if shapes is not None or config is not None:
@@ -633,6 +814,7 @@ def estimate(
             print_json(report.to_dict())
         else:
             _render_estimate(report)
+        _CSV.write()
         _plot("estimate", report, plot)
         return
 
@@ -689,7 +871,7 @@ def _render_estimate(report: Any) -> None:
             cells = [f"{m.ranks[t]}{'*' if m.capped[t] else ''} ({m.errors[t]:.3g})" for t in tols]
             rows.append((m.name.removeprefix(prefix), format_shape(m.matrix_shape), m.rank_max, *cells))
         title = f"Adaptive ranks ({report.rule} rule)" + (f"; names under {prefix}" if prefix else "")
-        _print_table(_wrapping(table(title, columns, rows, right_from=2)))
+        _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="ranks")
         if any(any(m.capped.values()) for m in report.matrices):
             console.print("* k_max reached before the tolerance (raise it with --rank-max)")
     columns = ["optimizer", "setting", "state", "bytes", "saved vs AdamW"]
@@ -701,7 +883,7 @@ def _render_estimate(report: Any) -> None:
         f"{report.source}: {report.parameters:,} parameters, optimizer state in "
         f"{report.bytes_per_number}-byte values"
     )
-    _print_table(table("Optimizer-state memory", columns, rows, right_from=2))
+    _print_table(table("Optimizer-state memory", columns, rows, right_from=2), name="memory")
     if report.totals:
         _render_totals(report)
     console.print(_verdict(report))
@@ -716,7 +898,7 @@ def _render_totals(report: Any) -> None:
         [t["label"], t["setting"], *(human_bytes(t["bytes"][p]) for p in PRECISIONS)] for t in report.totals
     ]
     title = "Weights + gradients + optimizer state (activations not counted)"
-    _print_table(table(title, columns, rows, right_from=2))
+    _print_table(table(title, columns, rows, right_from=2), name="totals")
     stdout_console().print(
         "fp32: 4-byte weights, gradients and state; bf16 + fp32 master: 2-byte weights and gradients, "
         "a 4-byte master copy and state; pure bf16: 2 bytes everywhere"

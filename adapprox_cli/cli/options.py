@@ -44,7 +44,10 @@ DtypeOption = Annotated[
 ]
 JsonOption = Annotated[
     bool,
-    typer.Option("--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr)."),
+    # metavar "": a flag takes no value, so the help shows no "<bool>" after it.
+    typer.Option(
+        "--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr).", metavar=""
+    ),
 ]
 PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a figure to this PNG file.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random test matrices.")]
