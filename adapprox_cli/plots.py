@@ -91,11 +91,15 @@ def plot_spectrum(report: SpectrumReport, path: str | Path, *, max_lines: int = 
     ax.set_xlabel("index i")
     ax.set_ylabel("singular value $\\sigma_i$")
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
+    note = _subset_note([n for n in chosen], len(report.matrices))
     ax.set_title(
-        f"Top-{report.settings.get('top', '')} singular values of the {what} moment" + _under(prefix)
+        f"Top-{report.settings.get('top', '')} singular values of the {what} moment"
+        + _under(prefix)
+        + (f"\n{note}" if note else ""),
+        fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -110,25 +114,44 @@ def plot_compare(report: CompareReport, path: str | Path, *, max_groups: int = 1
     groups = [*names, "weighted mean"]
     for s in report.summary:
         errors[("weighted mean", s.method)] = s.weighted_error
-    fig = Figure(figsize=(max(7.0, 1.1 * len(groups) + 2), 4.8), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 1.1 * len(groups) + 3), 4.8), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
+    exact: list[float] = []  # x positions of errors that are exactly 0: no bar on a log axis
+    positive: list[float] = []
     for j, method in enumerate(methods):
         xs, ys = [], []
         for i, group in enumerate(groups):
             value = errors.get((group, method))
-            if value is not None and math.isfinite(value):
-                xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                ys.append(max(value, 1e-16))
+            x = i + (j - (len(methods) - 1) / 2) * width
+            if value is not None and math.isfinite(value) and value > 0:
+                xs.append(x)
+                ys.append(value)
+            elif value == 0:
+                exact.append(x)
+        positive += ys
         ax.bar(xs, ys, width=width, label=method, color=f"C{list(METHODS).index(method) % 10}")
     ax.set_yscale("log")
+    if positive:
+        # The axis spans the errors that exist; an exact (0) error is marked, not drawn at 1e-16.
+        ax.set_ylim(min(positive) / 3, max(positive) * 2)
+    for x in exact:
+        ax.annotate("0", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)))
     prefix = common_name_prefix(report.matrices)
     ax.set_xticklabels([_short(g.removeprefix(prefix)) for g in groups], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("relative error $\\|V - \\tilde V\\|_F / \\|V\\|_F$")
-    ax.set_title(f"Approximation error by method (rank {report.settings['rank']})" + _under(prefix))
+    note = _subset_note(names, len(report.matrices))
+    if exact:
+        note += ("; " if note else "") + "0: an exact fit (no bar on the log axis)"
+    ax.set_title(
+        f"Approximation error by method (rank {report.settings['rank']})"
+        + _under(prefix)
+        + (f"\n{note}" if note else ""),
+        fontsize=10,
+    )
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(4, len(methods)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -137,7 +160,8 @@ def plot_estimate(report: EstimateReport, path: str | Path) -> Path:
     fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     unit, scale = _byte_unit(max(r.bytes for r in report.memory))
-    if any(r.setting.startswith("tol=") for r in report.memory):
+    tols = {r.setting for r in report.memory if r.setting.startswith("tol=")}
+    if len(tols) > 1:
         _memory_against_tolerance(ax, report, scale)
         ax.set_ylabel(f"optimizer state ({unit})")
     else:
@@ -180,17 +204,37 @@ def _memory_against_tolerance(ax: Any, report: EstimateReport, scale: float) -> 
 
 
 def _memory_bars(ax: Any, report: EstimateReport, scale: float) -> None:
+    """Horizontal bars on a linear axis up to a bit past AdamW, so that half of AdamW looks half;
+    the states larger than that (SOAP, Shampoo) run off the edge, labelled with their size."""
+    from adapprox_cli.formatting import human_bytes
+
     labels = [f"{r.label} {r.setting}".strip() for r in report.memory]
-    ax.barh(
-        range(len(labels)),
-        [r.bytes / scale for r in report.memory],
-        color=[f"C{i}" for i in range(len(labels))],
+    adamw = next(
+        (r.bytes for r in report.memory if r.optimizer == "adamw"), max(r.bytes for r in report.memory)
     )
+    limit = 1.45 * adamw / scale
+    values = [min(r.bytes / scale, limit) for r in report.memory]
+    bars = ax.barh(range(len(labels)), values, color=[f"C{i % 10}" for i in range(len(labels))])
+    for bar, r in zip(bars, report.memory):
+        if r.bytes / scale > limit:
+            bar.set_hatch("//")
     for i, r in enumerate(report.memory):
-        ax.annotate(f" {r.saving_percent:.2f}% saved", (r.bytes / scale, i), va="center", fontsize=7)
+        saving = (
+            f"{r.saving_percent:.2f}% saved" if r.saving_percent >= 0 else f"{r.bytes / adamw:.1f}x AdamW"
+        )
+        text = f" {human_bytes(r.bytes)}, {saving}" + (" (off scale)" if r.bytes / scale > limit else "")
+        inside = values[i] > 0.7 * limit
+        ax.annotate(
+            text.strip() + " " if inside else text,
+            (values[i], i),
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=7,
+            color="white" if inside else "black",
+        )
+    ax.set_xlim(0, limit)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("log")
 
 
 def _under(prefix: str) -> str:

@@ -252,3 +252,22 @@ def test_csv_writes_the_tables(nanogpt, tmp_path):
     rows = list(csv.reader((tmp_path / "plan-memory.csv").open()))
     assert next(csv.reader((tmp_path / "plan-totals.csv").open()))[2] == "fp32"
     assert rows[0][:3] == ["optimizer", "setting", "state"] and rows[1][0] == "AdamW"
+
+
+def test_compare_warns_when_the_factors_outgrow_the_dense_state(nanogpt):
+    path, *_ = nanogpt
+    result = invoke("compare", path, "--rank", "16", "--methods", "svd", "--params", "wte")
+    assert result.exit_code == 0, result.output
+    # wte is 48 x 16: 16 x (48 + 16) = 1024 numbers against 768 dense ones.
+    assert "store more numbers as factors" in result.stderr and "16 x (48 + 16) > 768" in result.stderr
+    quiet = invoke("compare", path, "--rank", "2", "--methods", "svd", "--params", "wte")
+    assert "store more numbers" not in quiet.stderr
+
+
+def test_help_shows_flags_and_the_path_argument_plainly():
+    for command in ("spectrum", "compare", "estimate"):
+        text = invoke(command, "--help").stdout
+        assert "{path}" not in text.lower() and "PATH..." in text
+        flags = [line for line in text.splitlines() if "--json" in line or "--trust-checkpoint" in line]
+        assert flags and not any("<bool>" in line for line in flags), command
+    assert "sm3." in " ".join(invoke("compare", "--help").stdout.split())  # the --methods list, whole

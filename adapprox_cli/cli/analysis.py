@@ -41,7 +41,8 @@ _CsvOption = Annotated[
     Path | None,
     typer.Option(
         "--csv",
-        help="Also write the tables as CSV: to PATH when there is one, else to PATH-<table>.csv for each.",
+        help="Also write the tables as CSV: to PATH when there is one, else one file per table "
+        "beside it (out.csv: out-errors.csv, out-summary.csv, ...).",
         show_default=False,
     ),
 ]
@@ -614,6 +615,7 @@ def compare(
                 progress=update,
             )
         report.settings["path"] = str(path)
+        _warn_dense_is_smaller(report, rank)
         return report
 
     _analyse(
@@ -626,6 +628,24 @@ def compare(
         trust_checkpoint=trust_checkpoint,
         optimizer_index=optimizer_index,
     )
+
+
+def _warn_dense_is_smaller(report: Any, rank: int) -> None:
+    """At a large --rank the factors k (m + n) outgrow the dense m x n state they approximate."""
+    from adapprox_cli.render import warn
+
+    larger = {
+        r.name: r.matrix_shape
+        for r in report.rows
+        if r.rank == rank and r.numbers_stored > r.matrix_shape[0] * r.matrix_shape[1]
+    }
+    if larger:
+        name, shape = next(iter(larger.items()))
+        warn(
+            f"--rank {rank}: {len(larger)} of {len(report.matrices)} matrices store more numbers as factors "
+            f"than as the dense second moment (e.g. {name} {format_shape(shape)}: "
+            f"{rank} x ({shape[0]} + {shape[1]}) > {shape[0] * shape[1]}); try a smaller --rank"
+        )
 
 
 def _long_row(r: Any) -> tuple:

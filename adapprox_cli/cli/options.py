@@ -57,6 +57,7 @@ TrustOption = Annotated[
         "--trust-checkpoint",
         help="Allow pickled Python objects outside the safe allowlist. This runs code from the file: "
         "only for checkpoints you made yourself.",
+        metavar="",
     ),
 ]
 OptimizerIndexOption = Annotated[
