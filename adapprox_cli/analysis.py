@@ -80,6 +80,7 @@ __all__ = [
     "exact_squared_singular_values",
     "gram_eigenvalues",
     "moments_from_checkpoint",
+    "ranks_from_sibling",
     "resolve_device",
     "resolve_dtype",
     "run_trends",
@@ -1048,8 +1049,11 @@ def estimate_config(
     *,
     galore_rank: int = 128,
     adam_mini_default: str = "row",
+    sibling: EstimateReport | None = None,
 ) -> EstimateReport:
-    """Memory of the model a Hugging Face config.json describes, at fixed Adapprox ranks."""
+    """Memory of the model a Hugging Face config.json describes, at fixed Adapprox ranks, and
+    at the ranks ``sibling`` (``estimate_memory`` of a smaller model of the same family)
+    measured at each of its tolerances (``ranks_from_sibling``)."""
     from adapprox_cli.model_shapes import config_named_shapes
 
     named_shapes = config_named_shapes(config, source)
@@ -1061,7 +1065,39 @@ def estimate_config(
         galore_rank=galore_rank,
         num_heads=heads if isinstance(heads, int) and heads > 0 else None,
         adam_mini_default=adam_mini_default,
+        sibling=sibling,
     )
+
+
+def _matrix_kind(name: str) -> str:
+    # "h.7.mlp.c_fc.weight" and "h.0.mlp.c_fc.weight" are one kind of matrix.
+    return re.sub(r"\d+", "#", name)
+
+
+def ranks_from_sibling(
+    named_shapes: list[tuple[str, tuple[int, ...]]], sibling: EstimateReport, tol: float
+) -> dict[int, int]:
+    """Ranks for a larger model's matrices from those measured on a smaller sibling at ``tol``.
+
+    Each kind of matrix (name with layer numbers ignored) takes the largest rank / k_max the
+    sibling needed for that kind, applied to its own k_max (rounded up, at least 1): a [decided]
+    assumption that the share of directions a tolerance needs carries over with width; it errs
+    towards more memory, since absolute ranks usually grow more slowly than k_max. Kinds the
+    sibling lacks get k_max. Keys are positions in ``named_shapes``, as
+    ``memory.adapprox_state_numbers`` takes them.
+    """
+    share: dict[str, float] = {}
+    for m in sibling.matrices:
+        kind = _matrix_kind(m.name)
+        share[kind] = max(share.get(kind, 0.0), m.ranks[tol] / m.rank_max)
+    out = {}
+    for i, (name, shape) in enumerate(named_shapes):
+        view = lowrank.matrix_view_shape(shape)
+        if view is None or not lowrank.is_factored(shape):
+            continue
+        k_max = lowrank.rank_cap(*view)
+        out[i] = max(1, min(k_max, math.ceil(share.get(_matrix_kind(name), 1.0) * k_max)))
+    return out
 
 
 def estimate_shapes(
@@ -1073,9 +1109,11 @@ def estimate_shapes(
     bytes_per_number: int = 4,
     num_heads: int | None = None,
     adam_mini_default: str = "row",
+    sibling: EstimateReport | None = None,
 ) -> EstimateReport:
-    """State memory of every optimizer for these parameter shapes at fixed Adapprox ranks, and
-    the training totals (weights + gradients + state) at the usual precisions."""
+    """State memory of every optimizer for these parameter shapes at fixed Adapprox ranks (and
+    at the ranks a measured ``sibling`` gives, see ``ranks_from_sibling``), and the training
+    totals (weights + gradients + state) at the usual precisions."""
     if any(k is not None and k < 1 for k in ranks):
         raise InputError(f"--rank must be >= 1, got {', '.join(str(k) for k in ranks)}")
     k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
@@ -1086,11 +1124,19 @@ def estimate_shapes(
         else:
             label = f"k={k}" if all(k <= km for km in k_maxes) else f"k={k} (clamped to k_max)"
         settings_ranks[label] = k
+    measured: dict[str, Any] = {}
+    if sibling is not None:
+        for t in sibling.settings["tolerances"]:
+            measured[f"tol={t:g} (from {sibling.source})"] = ranks_from_sibling(named_shapes, sibling, t)
     rows = _memory_rows(
-        named_shapes, settings_ranks, None, galore_rank, bytes_per_number, num_heads, adam_mini_default
-    )
+        named_shapes, {**measured, **settings_ranks}, None, galore_rank, bytes_per_number, num_heads,
+        adam_mini_default,
+    )  # fmt: skip
     parameters = sum(math.prod(s) for _, s in named_shapes)
     settings = dict(ranks=list(ranks), galore_rank=galore_rank, adam_mini_default=adam_mini_default)
+    if sibling is not None:
+        settings["sibling"] = sibling.source
+        settings["sibling_tolerances"] = list(sibling.settings["tolerances"])
     report = EstimateReport(source, parameters, bytes_per_number, "fixed", [], rows, settings)
     report.totals = training_totals(rows, parameters)
     return report

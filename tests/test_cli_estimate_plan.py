@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -72,3 +73,32 @@ def test_config_errors_are_one_line(tmp_path, args, message):
     result = runner.invoke(app, ["estimate", *[a.format(tmp=tmp_path) for a in args]])
     assert result.exit_code == 2 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_ranks_of_a_measured_sibling_carry_over_per_kind_of_matrix(tmp_path):
+    from pathlib import Path
+
+    from adapprox_cli import lowrank, memory
+    from adapprox_cli.analysis import estimate_memory, moments_from_checkpoint, ranks_from_sibling
+    from adapprox_cli.checkpoints import load_checkpoint
+
+    sample = Path(__file__).resolve().parent.parent / "sample_states/hf-trainer/checkpoint-200"
+    sibling = estimate_memory(moments_from_checkpoint(load_checkpoint(sample)), tolerances=(0.1,))
+    big = {**json.loads((sample / "config.json").read_text()), "n_layer": 4, "n_embd": 128, "n_head": 4}
+    named = config_named_shapes(big)
+    ranks = ranks_from_sibling(named, sibling, 0.1)
+    for i, (name, shape) in enumerate(named):
+        if i not in ranks:
+            continue
+        kind = [m for m in sibling.matrices if re.sub(r"\d+", "#", m.name) == re.sub(r"\d+", "#", name)]
+        share = max(m.ranks[0.1] / m.rank_max for m in kind)
+        k_max = lowrank.rank_cap(*lowrank.matrix_view_shape(shape))
+        assert ranks[i] == max(1, min(k_max, math.ceil(share * k_max))), name
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(big))
+    data = json.loads(estimate("--config", path, sample, "--tol", "0.1", "--json").stdout)
+    row = next(
+        r for r in data["memory"] if r["optimizer"] == "adapprox" and r["setting"].startswith("tol=0.1")
+    )
+    assert row["numbers"] == memory.adapprox_state_numbers([s for _, s in named], ranks)
+    assert data["settings"]["sibling"] == str(sample)

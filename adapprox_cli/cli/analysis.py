@@ -355,6 +355,8 @@ def spectrum(
     relative error of 0.1/0.05/0.01 needs. With the default --method auto, large matrices
     get one randomized sketch of width --top + --oversample: ranks beyond it print as >W
     (use --method gram for exact ones). --plot draws the Adapprox paper's Figure 1.
+    Given a run directory or several checkpoints, every stage is analysed in training order,
+    then summarised across stages (--plot: energy and stable rank against the step).
 
     Examples:
 
@@ -581,7 +583,9 @@ def compare(
     For every matrix and method: relative error ||V - V~||_F / ||V||_F, numbers stored and
     time; the error divided by the optimum, the exact truncated SVD at --rank (Eckart-Young),
     and for methods storing at most m + n numbers also by the rank-1 SVD's error. The last
-    table weights every matrix by its size. --plot draws the paper's Figure 2.
+    table weights every matrix by its size. --plot draws the paper's Figure 2. Given a run
+    directory or several checkpoints, every stage is compared in training order, then each
+    error is followed across stages (--plot: error against the training step, per method).
 
     Examples:
 
@@ -590,6 +594,8 @@ def compare(
         adapprox compare out/ckpt.pt --rank 1 --methods svd,srsi,adafactor --plot compare.png
 
         adapprox compare checkpoint-500/ --params 'mlp' --json > compare.json
+
+        adapprox compare output_dir/ --rank 5 --plot error-over-training.png
     """
     from adapprox_cli.analysis import compare_methods
 
@@ -806,12 +812,16 @@ def estimate(
 
     _check_plot(plot)
     _CSV.start(csv)
-    if sum((bool(path), shapes is not None, config is not None)) != 1:
+    sibling_path = path[0] if config is not None and path and len(path) == 1 else None
+    if sum((bool(path) and sibling_path is None, shapes is not None, config is not None)) != 1:
         raise InputError("give a checkpoint PATH or --shapes PRESET or --config config.json (one of them)")
     if shapes is not None or config is not None:
         flag = "--shapes" if shapes is not None else "--config"
-        if tol or rank_max or params:
-            raise InputError(f"--tol, --rank-max and --params need a checkpoint; with {flag} use --rank")
+        if (tol and sibling_path is None) or rank_max or params:
+            raise InputError(
+                f"--tol, --rank-max and --params need a checkpoint; with {flag} use --rank "
+                "(or --config with the checkpoint of a smaller sibling for --tol)"
+            )
         ranks = tuple(rank) if rank else (None, 1)
         if shapes is not None:
             report = estimate_preset(
@@ -821,12 +831,29 @@ def estimate(
             from adapprox_cli.analysis import estimate_config
             from adapprox_cli.model_shapes import load_config
 
+            sibling = None
+            if sibling_path is not None:
+                # Ranks measured on a smaller model of the same family, carried over per matrix kind.
+                checkpoint = _load(sibling_path, trust_checkpoint, optimizer_index, json_output)
+                with _progress("sibling ranks", _show_progress(json_output)) as update:
+                    sibling = estimate_memory(
+                        _moments(checkpoint, None),
+                        tolerances=tol or (0.05,),
+                        galore_rank=galore_rank,
+                        dtype=dtype,
+                        device=device,
+                        seed=seed,
+                        source=str(sibling_path),
+                        progress=update,
+                    )
+                del checkpoint
             report = estimate_config(
                 load_config(config),
                 str(config),
                 ranks,
                 galore_rank=galore_rank,
                 adam_mini_default=adam_mini_default,
+                sibling=sibling,
             )
         if json_output:
             from adapprox_cli.render import print_json
