@@ -1,0 +1,217 @@
+"""Adapprox on FSDP2 (DTensor, Shard(0)) parameters: two CPU processes (gloo) against one."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from adapprox_cli.optim import Adapprox
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available",
+)
+
+WORLD = 2
+BATCH = 8  # global batch; each rank takes BATCH / WORLD rows
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+FIXED = dict(rank_init=2, rank_min=2, rank_max=2)  # a fixed rank: sharded vs one process
+ADAPTIVE = dict(rank_init=1, rank_min=1, rank_max=None, tol=0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    # (33, 16): 33 rows split 17 / 16; (8, 33) even; a (1, 8) head whose bias shard on rank 1 is empty.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, 16, generator=g)
+    return x, torch.randn(BATCH, 1, generator=g)
+
+
+def _train(model, optimizer, steps: range, rank: int | None = None) -> None:
+    for step in steps:
+        x, y = _batch(step)
+        if rank is not None:
+            rows = BATCH // WORLD
+            x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _init(rank: int, port: int):
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    return init_device_mesh("cpu", (WORLD,))
+
+
+def _sharded(mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def _step_worker(rank: int, port: int, out: str, settings: dict, steps: int) -> None:
+    mesh = _init(rank, port)
+    model = _sharded(mesh)
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **settings)
+    ranks = []
+    for step in range(steps):
+        _train(model, optimizer, range(step, step + 1), rank)
+        ranks.append(optimizer.ranks())
+    state = optimizer.state[model[0].weight]
+    torch.save(
+        {
+            "params": _full(model),
+            "ranks": ranks,
+            "q_rows": state["exp_avg_sq_q"].to_local().shape[0],
+            "q_type": type(state["exp_avg_sq_q"]).__name__,
+            "u_full": tuple(state["exp_avg_sq_u"].to_local().shape),
+            "exp_avg_rows": state["exp_avg"].to_local().shape[0],
+            "bias_rows": optimizer.state[model[4].bias]["exp_avg_sq"].to_local().shape[0],
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def _launch(worker, *args) -> None:
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # imported once, before the fork
+    mp.start_processes(worker, args=(_free_port(), *args), nprocs=WORLD, join=True, start_method=START_METHOD)
+
+
+def _assert_close(actual: dict, expected: dict, rtol: float) -> None:
+    # Measured on what training changed (W - W_0), not on W: a stricter test than on the weights.
+    start = _model().state_dict()
+    for key, value in expected.items():
+        change = value - start[key]
+        assert change.norm() > 0, key  # every parameter moved: the check can fail
+        err = (actual[key] - value).norm() / change.norm()
+        assert err < rtol, (key, float(err))
+
+
+def test_sharded_step_matches_one_process_at_a_fixed_rank(tmp_path):
+    steps = 6
+    _launch(_step_worker, str(tmp_path), FIXED, steps)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    reference = _model()
+    optimizer = Adapprox(reference.parameters(), lr=1e-2, **FIXED)
+    _train(reference, optimizer, range(steps))
+    _assert_close(results[0]["params"], reference.state_dict(), 1e-3)
+    # Q sharded by rows like the weight (17 + 16 = 33), U whole on every rank, moments sharded.
+    assert [r["q_rows"] for r in results] == [17, 16] and results[0]["q_type"] == "DTensor"
+    assert [r["u_full"] for r in results] == [(16, 2), (16, 2)]
+    assert [r["exp_avg_rows"] for r in results] == [17, 16]
+    assert [r["bias_rows"] for r in results] == [1, 0]  # an empty shard steps too
+
+
+def test_adaptive_ranks_agree_across_ranks(tmp_path):
+    _launch(_step_worker, str(tmp_path), ADAPTIVE, 5)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert results[0]["ranks"] == results[1]["ranks"]
+    assert max(results[0]["ranks"][-1].values()) > 1  # the rank did adapt
+    for key, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][key]), key
+
+
+def _dcp_worker(rank: int, port: int, out: str) -> None:
+    from adapprox_cli.distributed import load_optimizer_dcp, save_optimizer_dcp
+
+    mesh = _init(rank, port)
+    model = _sharded(mesh)
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    _train(model, optimizer, range(3), rank)
+    save_optimizer_dcp(model, optimizer, Path(out) / "optim")
+    snapshot = copy.deepcopy(model.state_dict())
+    saved_model = _full(model)  # a collective: every rank gathers
+    if rank == 0:
+        torch.save(saved_model, Path(out) / "model.pt")
+    _train(model, optimizer, range(3, 6), rank)
+    uninterrupted = _full(model)
+    # Back on two ranks: a fresh optimizer loads the saved ranks and continues identically.
+    model.load_state_dict(snapshot)
+    resumed = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    load_optimizer_dcp(model, resumed, Path(out) / "optim")
+    _train(model, resumed, range(3, 6), rank)
+    torch.save({"uninterrupted": uninterrupted, "resumed": _full(model)}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_back(tmp_path):
+    from adapprox_cli.distributed import load_optimizer_dcp
+
+    _launch(_dcp_worker, str(tmp_path))
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for key, value in result["uninterrupted"].items():
+        assert torch.equal(value, result["resumed"][key]), key
+    # One process, plain tensors: the saved ranks load and the run continues.
+    model = _model()
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        load_optimizer_dcp(model, optimizer, tmp_path / "optim")
+    assert optimizer.state[model[0].weight]["step"].item() == 3
+    assert max(optimizer.ranks().values()) > 1
+    _train(model, optimizer, range(3, 6))
+    _assert_close(model.state_dict(), result["uninterrupted"], 1e-4)
+
+
+def _placement_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from adapprox_cli.distributed import ShardingError
+
+    mesh = _init(rank, port)
+    messages = []
+    for placement in (Replicate(), Shard(1)):
+        weight = nn.Parameter(distribute_tensor(torch.randn(32, 32), mesh, [placement]))
+        weight.grad = distribute_tensor(torch.ones(32, 32), mesh, [placement])
+        optimizer = Adapprox([("blocks.0.weight", weight)])
+        try:
+            optimizer.step()
+            messages.append("")
+        except ShardingError as exc:
+            messages.append(str(exc))
+        assert not optimizer.state  # refused before any state was created
+    torch.save(messages, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_other_placements_are_refused_naming_the_parameter(tmp_path):
+    _launch(_placement_worker, str(tmp_path))
+    messages = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert len(messages) == 2
+    for message, placement in zip(messages, ("Replicate()", "Shard(dim=1)")):
+        assert "'blocks.0.weight'" in message and placement in message and "Shard(0)" in message
