@@ -47,7 +47,6 @@ from adapprox_cli.optim import (
     _gradient_in_compute_dtype,
     _gradient_limit,
     _rank_k_max,
-    _rebuild_second_moment,
     _warn_skipped,
 )
 
@@ -77,10 +76,11 @@ class ShardingError(AdapproxError):
 
 @dataclass
 class CollectiveTime:
-    """Seconds spent in the optimizer's all-reduces, and how many were issued."""
+    """Seconds spent in the optimizer's all-reduces, how many were issued and their numbers."""
 
     seconds: float = 0.0
     calls: int = 0
+    elements: int = 0
 
 
 _timers: list[CollectiveTime] = []
@@ -106,6 +106,7 @@ def _all_reduce(t: Tensor, group: Any, op: Any = None) -> Tensor:
         for timer in _timers:
             timer.seconds += elapsed
             timer.calls += 1
+            timer.elements += t.numel()
     return t
 
 
@@ -245,30 +246,46 @@ def sharded_adapprox(
     ok = [flag == 0.0 for flag in _all_reduce(bad, group).tolist()]
     steps = [int(state["step"].item()) + 1 for state in states]
 
-    # Phase 1: local V and sharded S-RSI for every factored matrix that steps.
-    sketched: dict[int, tuple[Tensor, Tensor, Tensor, Tensor, int, int]] = {}
+    # Phase 1: local V and sharded S-RSI, one batched call (and so one all-reduce per sum) for
+    # every stack of matrices with the same global shape, rank and warm start. Every rank sees
+    # the same parameters in the same order and the same flags: the stacks agree across ranks.
+    stacks: dict[tuple, list[int]] = {}
     for i, (param, state) in enumerate(zip(params, states)):
-        if not ok[i] or param.numel() == 0 or "exp_avg_sq_q" not in state:
-            continue
-        m, n = matrix_view_shape(param.shape)  # the GLOBAL shape
-        g2d = local_grads[i].reshape(-1, n)
-        q_prev = state["exp_avg_sq_q"].to_local()
-        u_prev = state["exp_avg_sq_u"].to_local()
-        v = _rebuild_second_moment(g2d, q_prev, u_prev, beta2)
-        current_rank = q_prev.shape[1]
+        if ok[i] and param.numel() and "exp_avg_sq_q" in state:
+            warm = warm_start and steps[i] > 1
+            key = (tuple(param.shape), state["exp_avg_sq_q"].shape[1], state["exp_avg_sq_q"].dtype, warm)
+            stacks.setdefault(key, []).append(i)
+    sketched: dict[int, tuple[Tensor, Tensor, Tensor, Tensor, int, int]] = {}
+    for (shape, current_rank, _, warm), members in stacks.items():
+        m, n = matrix_view_shape(shape)  # the GLOBAL shape
+        q_prev = torch.stack([states[i]["exp_avg_sq_q"].to_local() for i in members])
+        u_prev = torch.stack([states[i]["exp_avg_sq_u"].to_local() for i in members])
+        # V = beta2 max(Q U^T, 0) + (1 - beta2) G^2 for this rank's rows of the whole stack.
+        v = torch.bmm(q_prev, u_prev.mT).clamp_(min=0.0).mul_(beta2)
+        g2d = [local_grads[i].reshape(-1, n) for i in members]
+        torch._foreach_addcmul_(list(v.unbind(0)), g2d, g2d, value=1.0 - beta2)
         k_max = _rank_k_max(m, n, rank_max)
         sketch_rank = min(current_rank, k_max)
         width = min(sketch_rank + oversample, m, n)
-        warm = warm_start and steps[i] > 1
         kept = min(current_rank, width) if warm else 0
-        # [decided] The seed rule of the one-process step: identical on every rank.
-        generator = seeded_generator(seed, param_indices[i], steps[i], device=v.device)
-        omega = torch.randn(n, width - kept, generator=generator, device=v.device, dtype=v.dtype)
+        # [decided] The seed rule of the one-process step, so Omega is identical on every rank.
+        omega = torch.stack(
+            [
+                torch.randn(
+                    n,
+                    width - kept,
+                    generator=seeded_generator(seed, param_indices[i], steps[i], device=v.device),
+                    device=v.device,
+                    dtype=v.dtype,
+                )
+                for i in members
+            ]
+        )
         q_s, u_s, _, errors = _srsi_batched(
-            v[None], sketch_rank, oversample, power_iters, omega[None],
-            q_prev[None] if warm else None, reduce=reduce, rows=m,
-        )  # fmt: skip
-        sketched[i] = (v, q_s[0], u_s[0], errors[0], current_rank, k_max)
+            v, sketch_rank, oversample, power_iters, omega, q_prev if warm else None, reduce=reduce, rows=m
+        )
+        for row, i in enumerate(members):
+            sketched[i] = (v[row], q_s[row], u_s[row], errors[row], current_rank, k_max)
 
     # Phase 2: rank choices. The errors are computed from all-reduced values on every rank;
     # the MAX all-reduce makes the choice identical even if two ranks rounded differently.

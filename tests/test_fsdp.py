@@ -188,6 +188,19 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_back(tmp_path):
     _assert_close(model.state_dict(), result["uninterrupted"], 1e-4)
 
 
+def test_inspect_reads_the_sharded_adapprox_checkpoint(tmp_path):
+    from adapprox_cli.checkpoints.dcp import load_dcp
+
+    _launch(_dcp_worker, str(tmp_path))
+    checkpoint = load_dcp(tmp_path / "optim")
+    assert checkpoint.optimizer == "adapprox" and checkpoint.step == 3
+    weight = next(p for p in checkpoint.params if p.name == "0.weight")
+    # The two ranks' row blocks of Q reassembled: (33, k) with the rank the run had reached.
+    q, u = weight.state["exp_avg_sq_q"], weight.state["exp_avg_sq_u"]
+    assert q.shape[0] == 33 and u.shape == (16, q.shape[1]) and q.shape[1] > 1
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[1]), atol=1e-5)  # orthonormal across ranks
+
+
 def _placement_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
