@@ -111,9 +111,9 @@ def _launch(worker, *args) -> None:
     mp.start_processes(worker, args=(_free_port(), *args), nprocs=WORLD, join=True, start_method=START_METHOD)
 
 
-def _assert_close(actual: dict, expected: dict, rtol: float) -> None:
+def _assert_close(actual: dict, expected: dict, rtol: float, start: dict | None = None) -> None:
     # Measured on what training changed (W - W_0), not on W: a stricter test than on the weights.
-    start = _model().state_dict()
+    start = _model().state_dict() if start is None else start
     for key, value in expected.items():
         change = value - start[key]
         assert change.norm() > 0, key  # every parameter moved: the check can fail
@@ -228,3 +228,74 @@ def test_other_placements_are_refused_naming_the_parameter(tmp_path):
     assert len(messages) == 2
     for message, placement in zip(messages, ("Replicate()", "Shard(dim=1)")):
         assert "'blocks.0.weight'" in message and placement in message and "Shard(0)" in message
+
+
+def _adamw_worker(rank: int, port: int, out: str) -> None:
+    from adapprox_cli.distributed import save_optimizer_dcp
+
+    mesh = _init(rank, port)
+    model = _sharded(mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, optimizer, range(3), rank)
+    save_optimizer_dcp(model, optimizer, Path(out) / "adamw")
+    saved_model = _full(model)
+    if rank == 0:
+        torch.save(saved_model, Path(out) / "model.pt")
+    dist.destroy_process_group()
+
+
+def _resume_worker(rank: int, port: int, out: str) -> None:
+    from adapprox_cli.distributed import load_optimizer_dcp
+
+    mesh = _init(rank, port)
+    model = _model()
+    model.load_state_dict(torch.load(Path(out) / "model.pt", weights_only=True))
+    model = _sharded_from(model, mesh)
+    optimizer = Adapprox(model.parameters(), lr=1e-2)
+    load_optimizer_dcp(model, optimizer, Path(out) / "adapprox")
+    _train(model, optimizer, range(3, 6), rank)
+    params = _full(model)
+    if rank == 0:
+        torch.save({"params": params, "ranks": optimizer.ranks()}, Path(out) / "resumed.pt")
+    dist.destroy_process_group()
+
+
+def _sharded_from(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def test_converted_adamw_fsdp2_checkpoint_resumes_sharded(tmp_path):
+    from adapprox_cli.convert import convert_checkpoint
+    from adapprox_cli.distributed import save_optimizer_dcp
+
+    _launch(_adamw_worker, str(tmp_path))
+    convert_checkpoint(tmp_path / "adamw", tmp_path / "converted.pt", output_format="plain", tol=0.05)
+    converted = torch.load(tmp_path / "converted.pt", weights_only=True)
+
+    def one_process():
+        model = _model()
+        model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+        optimizer = Adapprox(model.parameters(), lr=1e-2)
+        optimizer.load_state_dict(converted)
+        return model, optimizer
+
+    # The converted (plain, index-keyed) state becomes a DCP directory in one process ...
+    model, optimizer = one_process()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it runs without a process group
+        save_optimizer_dcp(model, optimizer, tmp_path / "adapprox")
+    ranks = optimizer.ranks()
+    assert max(ranks.values()) > 1  # the conversion chose ranks above rank_init: the load must resize
+    # ... which two ranks load and continue, as one process continues from the converted state.
+    _launch(_resume_worker, str(tmp_path))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    _train(model, optimizer, range(3, 6))
+    assert resumed["ranks"] == optimizer.ranks()
+    _assert_close(
+        resumed["params"], model.state_dict(), 1e-3, torch.load(tmp_path / "model.pt", weights_only=True)
+    )
