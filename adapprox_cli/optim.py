@@ -524,16 +524,20 @@ def _finite_flags(grads: list[Tensor], params: list[Tensor] | None = None) -> li
 
 
 def _step_gate(grads: list[Tensor], params: list[Tensor]) -> Tensor:
-    """Device-side skip-or-apply flags, one per gradient (True: step this parameter)."""
+    """Device-side skip-or-apply flags, one per gradient (True: step this parameter).
+
+    max|g| / limit <= 1 for the whole list in four foreach/stack ops; empty gradients pass.
+    """
     device = grads[0].device
-    flags = []
-    for grad, param in zip(grads, params):
-        if grad.numel() == 0:
-            flags.append(torch.ones((), dtype=torch.bool, device=device))
-            continue
-        amax = torch.linalg.vector_norm(grad, ord=math.inf, dtype=_compute_dtype(param))
-        flags.append((amax <= _gradient_limit(param)).to(device))
-    return torch.stack(flags)
+    flags = torch.ones(len(grads), dtype=torch.bool, device=device)
+    present = [i for i, g in enumerate(grads) if g.numel()]
+    if not present:
+        return flags
+    amax = torch._foreach_norm([grads[i] for i in present], math.inf)
+    scaled = torch._foreach_mul(amax, [1.0 / _gradient_limit(params[i]) for i in present])
+    # NaN compares false: a NaN or Inf gradient fails like an overflowing one.
+    ok = torch.stack([s.to(device=device, dtype=torch.float64) for s in scaled]) <= 1.0
+    return flags.index_copy(0, torch.tensor(present, device=device), ok) if len(present) < len(grads) else ok
 
 
 def _warn_skipped(index: int, param: Tensor) -> None:

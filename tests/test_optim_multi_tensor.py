@@ -277,3 +277,18 @@ def test_float16_first_moment_is_refused_and_a_loaded_one_widened():
             opt.step()
         assert torch.isfinite(p).all()
         assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_gpu_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, PYTHONPATH=".")
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", "--device", "cpu", "--smoke", "--json", str(out)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["optimizer"] for r in rows] == ["AdamW(fused)", "Adapprox"]
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
