@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from adapprox_cli.errors import AdapproxError, InputError
 from adapprox_cli.lowrank import _srsi_batched, adaptive_rank, matrix_view_shape, seeded_generator
@@ -55,10 +55,13 @@ __all__ = [
     "ShardingError",
     "check_row_sharded",
     "check_sharded_group",
+    "full_model_state_dict",
+    "full_optimizer_state_dict",
     "load_optimizer_dcp",
     "local_state_bytes",
     "measure_collectives",
     "save_optimizer_dcp",
+    "shard_optimizer_state",
     "sharded_adapprox",
     "sharded_zero_factors",
 ]
@@ -359,6 +362,55 @@ def sharded_adapprox(
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Turn full (unsharded) state tensors of row-sharded parameters into DTensors, in place.
+
+    For a state loaded from a one-process checkpoint (every rank holds the same full tensors)
+    onto an optimizer over FSDP2 parameters: tensors with the parameter's rows (the first
+    moment, dense second moments, Q) are sharded by rows like it, U is replicated.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not isinstance(param, DTensor) or not state:
+                continue
+            for key, value in list(state.items()):
+                if not isinstance(value, Tensor) or isinstance(value, DTensor) or key == "step":
+                    continue
+                if key == "exp_avg_sq_u":
+                    state[key] = _replicated(value.to(param.to_local().device), param)
+                else:
+                    # every rank holds the same full tensor: each keeps its rows
+                    state[key] = distribute_tensor(
+                        value.to(param.to_local().device), param.device_mesh, [Shard(0)], src_data_rank=None
+                    )
+
+
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every DTensor gathered into a full CPU tensor.
+
+    A collective: every rank must call it. The result is the one-process state dict (what
+    ``Adapprox.load_state_dict`` and ``adapprox inspect`` read), whatever the number of ranks.
+    """
+    state_dict = optimizer.state_dict()
+    state = {
+        index: {
+            key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+            for key, value in entries.items()
+        }
+        for index, entries in state_dict["state"].items()
+    }
+    return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def full_model_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every DTensor gathered into a full CPU tensor (a collective)."""
+    return {
+        key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
+        for key, value in model.state_dict().items()
+    }
 
 
 def save_optimizer_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:

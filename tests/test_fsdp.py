@@ -299,3 +299,51 @@ def test_converted_adamw_fsdp2_checkpoint_resumes_sharded(tmp_path):
     _assert_close(
         resumed["params"], model.state_dict(), 1e-3, torch.load(tmp_path / "model.pt", weights_only=True)
     )
+
+
+def _full_state_worker(rank: int, port: int, out: str) -> None:
+    from adapprox_cli.distributed import (
+        full_model_state_dict,
+        full_optimizer_state_dict,
+        shard_optimizer_state,
+    )
+
+    mesh = _init(rank, port)
+    model = _sharded(mesh)
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    _train(model, optimizer, range(3), rank)
+    full_state, full_model = full_optimizer_state_dict(optimizer), full_model_state_dict(model)
+    snapshot = copy.deepcopy(model.state_dict())
+    _train(model, optimizer, range(3, 5), rank)
+    uninterrupted = full_model_state_dict(model)
+    # A one-process state dict loaded onto sharded parameters, then sharded like them.
+    model.load_state_dict(snapshot)
+    resumed = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    resumed.load_state_dict(copy.deepcopy(full_state))
+    shard_optimizer_state(resumed)
+    _train(model, resumed, range(3, 5), rank)
+    torch.save(
+        {
+            "state": full_state,
+            "model": full_model,
+            "uninterrupted": uninterrupted,
+            "resumed": full_model_state_dict(model),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def test_full_state_dict_gathers_and_shards_back(tmp_path):
+    _launch(_full_state_worker, str(tmp_path))
+    result = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    for key, value in result["uninterrupted"].items():
+        assert torch.equal(value, result["resumed"][key]), key
+    # The gathered state is a one-process state dict: plain Adapprox continues from it.
+    model = _model()
+    model.load_state_dict(result["model"])
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    optimizer.load_state_dict(result["state"])
+    assert optimizer.state[model[0].weight]["exp_avg_sq_q"].shape[0] == 33
+    _train(model, optimizer, range(3, 5))
+    _assert_close(model.state_dict(), result["uninterrupted"], 1e-4, result["model"])
