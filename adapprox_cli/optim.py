@@ -33,11 +33,12 @@ try:  # FSDP2 parameters are DTensors; builds without torch.distributed have non
 except ImportError:  # pragma: no cover
     DTensor = None
 
-from adapprox_cli.lowrank import (
+from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
     _srsi,
     _srsi_batched,
     adaptive_rank,
     default_rank_max,
+    is_factored,
     matrix_view_shape,
     seeded_generator,
 )
@@ -53,21 +54,6 @@ _FIRST_MOMENT_DTYPES = {
 # [decided] float16 stores at most 65504: Adam's first moment of a 1e5 gradient becomes Inf and
 # the weights NaN, so float16 is refused (bfloat16 takes the same memory with float32's range).
 _REFUSED_FIRST_MOMENT_DTYPES = ("float16",)
-
-
-def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
-    """Whether a parameter of this shape keeps its second moment as low-rank factors.
-
-    [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), but only when
-    factors at k_max store fewer numbers than the dense matrix: k_max (m + n) < m n. Biases,
-    norms, scalars and tiny matrices keep a dense ``exp_avg_sq``.
-    """
-    view = matrix_view_shape(shape)
-    if view is None:
-        return False
-    m, n = view
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-    return m * n > 0 and k_max * (m + n) < m * n
 
 
 def _compute_dtype(param: Tensor) -> torch.dtype:

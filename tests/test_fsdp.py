@@ -189,7 +189,7 @@ def test_dcp_checkpoint_reshards_from_two_ranks_to_one_and_back(tmp_path):
 
 
 def test_inspect_reads_the_sharded_adapprox_checkpoint(tmp_path):
-    from adapprox_cli.checkpoints.dcp import load_dcp
+    from adapprox_cli.checkpoints.formats.dcp import load_dcp
 
     _launch(_dcp_worker, str(tmp_path))
     checkpoint = load_dcp(tmp_path / "optim")
