@@ -293,10 +293,16 @@ def sharded_adapprox(
     # Phase 2: rank choices. The errors are computed from all-reduced values on every rank;
     # the MAX all-reduce makes the choice identical even if two ranks rounded differently.
     chosen: dict[int, int] = {}
-    for i, (_, q_s, _, errors, current_rank, k_max) in sketched.items():
-        if (steps[i] - 1) % rank_interval == 0:
+    evaluated = [i for i in sketched if (steps[i] - 1) % rank_interval == 0]
+    flat = torch.cat([sketched[i][3] for i in evaluated]).tolist() if evaluated else []  # one host read
+    host_errors, offset = {}, 0
+    for i in evaluated:
+        width = sketched[i][3].shape[0]
+        host_errors[i], offset = flat[offset : offset + width], offset + width
+    for i, (_, q_s, _, _, current_rank, k_max) in sketched.items():
+        if i in host_errors:
             chosen[i] = adaptive_rank(
-                errors.tolist(),
+                host_errors[i],
                 current_rank,
                 rank_min=min(rank_min, k_max),
                 rank_max=k_max,
