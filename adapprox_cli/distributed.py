@@ -61,6 +61,7 @@ __all__ = [
     "local_state_bytes",
     "measure_collectives",
     "save_optimizer_dcp",
+    "shard_for_training",
     "shard_optimizer_state",
     "sharded_adapprox",
     "sharded_zero_factors",
@@ -367,6 +368,42 @@ def sharded_adapprox(
             state["exp_avg_sq_u"] = _replicated(u_s[:, :k].contiguous(), params[i])
 
 
+# --------------------------------------------------------------------------- training
+
+
+def shard_for_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+    """FSDP2 a model and move its optimizer (and the state it holds) onto the sharded parameters.
+
+    ``fully_shard`` is applied to every block of each ``nn.ModuleList`` (the transformer layers),
+    then to the whole model (embeddings, tied head, final norm); the mesh is 1-D over the
+    default process group. ``fully_shard`` replaces the parameters, so the optimizer's groups
+    and state are re-keyed to the new ones by name, then sharded like them
+    (``shard_optimizer_state``). Returns the sharded model (the same object).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    grouped = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    states = {names[id(p)]: state for p, state in optimizer.state.items()}
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    params = dict(model.named_parameters())
+    optimizer.state.clear()
+    for group, group_names in zip(optimizer.param_groups, grouped):
+        group["params"] = [params[name] for name in group_names]
+        for name in group_names:
+            if name in states:
+                optimizer.state[params[name]] = states[name]
+    shard_optimizer_state(optimizer)
+    return model
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -383,10 +420,16 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if not isinstance(param, DTensor) or not state:
                 continue
             for key, value in list(state.items()):
-                if not isinstance(value, Tensor) or isinstance(value, DTensor) or key == "step":
-                    continue
+                if not isinstance(value, Tensor) or isinstance(value, DTensor) or value.ndim == 0:
+                    continue  # the step counter stays a plain scalar
                 if key == "exp_avg_sq_u":
                     state[key] = _replicated(value.to(param.to_local().device), param)
+                elif value.shape[0] != param.shape[0]:
+                    raise ShardingError(
+                        f"optimizer state {key!r} of shape {tuple(value.shape)} does not follow the rows "
+                        f"of its parameter {tuple(param.shape)}; it cannot be sharded like it under FSDP2 "
+                        "(use Adapprox or AdamW)"
+                    )
                 else:
                     # every rank holds the same full tensor: each keeps its rows
                     state[key] = distribute_tensor(

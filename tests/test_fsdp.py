@@ -351,3 +351,35 @@ def test_full_state_dict_gathers_and_shards_back(tmp_path):
     assert optimizer.state[model[0].weight]["exp_avg_sq_q"].shape[0] == 33
     _train(model, optimizer, range(3, 5))
     _assert_close(model.state_dict(), result["uninterrupted"], 1e-4, result["model"])
+
+
+def _shard_worker(rank: int, port: int, out: str) -> None:
+    from adapprox_cli.distributed import full_model_state_dict, shard_for_training
+
+    _init(rank, port)
+    saved = torch.load(Path(out) / "start.pt", weights_only=True)
+    model = _model()
+    model.load_state_dict(saved["model"])
+    optimizer = Adapprox(model.named_parameters(), lr=1e-2, **ADAPTIVE)
+    optimizer.load_state_dict(saved["optimizer"])
+    shard_for_training(model, optimizer)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    assert set(optimizer.state) == set(model.parameters())  # the state moved to the new parameters
+    _train(model, optimizer, range(3, 6), rank)
+    params = full_model_state_dict(model)
+    if rank == 0:
+        torch.save({"params": params, "ranks": optimizer.ranks()}, Path(out) / "sharded.pt")
+    dist.destroy_process_group()
+
+
+def test_a_one_process_run_continues_sharded(tmp_path):
+    model = _model()
+    optimizer = Adapprox(model.named_parameters(), lr=1e-2, **ADAPTIVE)
+    _train(model, optimizer, range(3))
+    start = copy.deepcopy(model.state_dict())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "start.pt")
+    _launch(_shard_worker, str(tmp_path))
+    _train(model, optimizer, range(3, 6))
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)
+    assert sharded["ranks"] == optimizer.ranks()
+    _assert_close(sharded["params"], model.state_dict(), 1e-3, start)
