@@ -112,21 +112,21 @@ def test_batched_path_equals_the_loop_over_20_steps(device, kwargs):
     assert len(seen_ranks) > 1  # the ranks moved: the rank rule was exercised
 
 
-def test_foreach_none_picks_the_batched_path_only_on_cuda(monkeypatch):
+def test_foreach_none_picks_the_batched_path_and_false_the_loop(monkeypatch):
     calls = []
     original = optim_module._multi_tensor_adapprox
     monkeypatch.setattr(
         optim_module, "_multi_tensor_adapprox", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     params = make_params("cpu")
-    opt = Adapprox(params)
+    opt = Adapprox(params, foreach=False)
     for p, g in zip(params, gradients(1)[0]):
         p.grad = g
     opt.step()
-    assert calls == []  # the CPU default is the loop
-    assert optim_module._default_to_multi_tensor([torch.empty(1, device="meta")]) is False
-    Adapprox(params, foreach=True).step()
-    assert calls == [1]
+    assert calls == []  # foreach=False: the loop
+    Adapprox(params).step()
+    assert calls == [1]  # the default, on the CPU as on CUDA
+    assert optim_module._default_to_multi_tensor([]) is False
 
 
 def test_cosine_guidance_runs_on_the_loop_under_foreach():
