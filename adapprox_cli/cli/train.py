@@ -100,6 +100,12 @@ def train_command(
     compare: Annotated[
         str | None, typer.Option("--compare", help="Also run adamw or adafactor from the same checkpoint.")
     ] = None,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            "--fsdp", help="Under torchrun: shard weights and optimizer state with FSDP2 instead of DDP."
+        ),
+    ] = False,
     json_output: JsonOption = False,
     trust_checkpoint: TrustOption = False,
 ) -> None:
@@ -108,7 +114,8 @@ def train_command(
     The learning-rate schedule (warmup + cosine) continues from the checkpoint's iter_num and
     config. Ctrl-C saves a checkpoint at the next step boundary and exits; run the command on
     the saved ckpt.pt to continue exactly where it stopped. Under torchrun every process trains
-    a replica (DDP) and only rank 0 writes.
+    a replica (DDP) and only rank 0 writes; with --fsdp the weights and the optimizer state are
+    sharded by rows over the processes (FSDP2) and rank 0 writes the gathered state.
 
     Examples:
 
@@ -117,6 +124,8 @@ def train_command(
         adapprox train out/ckpt.pt --steps 200 --compare adamw
 
         torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu
+
+        torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu --fsdp
     """
     from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, compare_optimizers, plot_loss_curves, train
 
@@ -159,6 +168,7 @@ def train_command(
         metrics_path=metrics,
         optimizer_options={k: v for k, v in options.items() if v is not None},
         trust_checkpoint=trust_checkpoint,
+        fsdp=fsdp,
     )
     master = os.environ.get("RANK", "0") == "0"
     with _Progress(enabled=master and not json_output) as progress:

@@ -107,6 +107,7 @@ class TrainConfig:
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. tol, beta1, first_moment
     trust_checkpoint: bool = False
     handle_signals: bool = True  # Ctrl-C saves at the next step boundary and stops
+    fsdp: bool = False  # under torchrun: FSDP2 (weights and optimizer state sharded) instead of DDP
 
 
 @dataclass
@@ -506,6 +507,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     for name in ("steps", "grad_accum", "eval_iters"):
         if getattr(config, name) < (0 if name == "steps" else 1):
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.fsdp:
+        _check_fsdp(config)
     dist_info = _setup_distributed("cuda" if config.device.startswith("cuda") else config.device)
     try:
         return _train(config, callback, dist_info)
@@ -565,7 +568,12 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     )
 
     raw_model = model
-    if dist_info.enabled:
+    if config.fsdp:
+        from adapprox_cli.distributed import shard_for_training
+
+        # FSDP2 shards the module itself: raw_model and model are the same sharded object.
+        shard_for_training(model, optimizer)
+    elif dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(
@@ -628,6 +636,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
         nonlocal best_val_loss
         states = _gather_states(generator.get_state(), dist_info)
         rng_states = _gather_states(torch.get_rng_state(), dist_info)
+        # Under FSDP every rank takes part in gathering the full (one-process) state dicts.
+        gathered = _gathered_state_dicts(raw_model, optimizer) if config.fsdp else None
         if not dist_info.master or out_dir is None:
             return
         run_config = {
@@ -647,8 +657,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "optimizer": config.optimizer,
         }
         checkpoint = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": gathered[0] if gathered else raw_model.state_dict(),
+            "optimizer": gathered[1] if gathered else optimizer.state_dict(),
             "model_args": container.get("model_args"),
             "iter_num": iteration,
             "best_val_loss": torch.tensor(best_val_loss),
@@ -707,7 +717,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                     x, y = get_batch(train_data, block_size, batch_size, generator, device)
                     # Under DDP only the last micro-step all-reduces the gradients (nanoGPT's trick).
                     last = micro_step == config.grad_accum - 1
-                    sync = model.no_sync() if dist_info.enabled and not last else contextlib.nullcontext()
+                    ddp = dist_info.enabled and not config.fsdp
+                    sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
                     with sync:
                         with autocast:
                             loss = _forward_loss(model, x, y) / config.grad_accum
@@ -783,6 +794,25 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _check_fsdp(config: TrainConfig) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise InputError(
+            "--fsdp shards the model over the processes torchrun starts; run it as "
+            "torchrun --nproc-per-node 2 -m adapprox_cli train ... --fsdp"
+        )
+    if config.optimizer not in ("adapprox", "adamw"):
+        raise InputError(
+            f"--fsdp supports --optimizer adapprox or adamw, not {config.optimizer} "
+            "(its state does not follow the weight rows FSDP2 shards)"
+        )
+
+
+def _gathered_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    from adapprox_cli.distributed import full_model_state_dict, full_optimizer_state_dict
+
+    return full_model_state_dict(model), full_optimizer_state_dict(optimizer)
 
 
 def _all_mean(value: torch.Tensor, dist_info: _Dist) -> torch.Tensor:
