@@ -19,6 +19,7 @@ and marked [decided] in comments and in the class docstring.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -27,11 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-
-try:  # FSDP2 parameters are DTensors; builds without torch.distributed have none
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
 
 from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
     _srsi,
@@ -468,7 +464,10 @@ def adapprox(
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # FSDP2 parameters are DTensors. Importing torch.distributed.tensor costs seconds, and a
+    # DTensor can only exist once it is imported: look it up instead of importing it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _distributed():
