@@ -224,6 +224,11 @@ def sharded_adapprox(
                 "unsharded parameters in their own parameter group"
             )
         check_row_sharded(param, label)
+        if param.device_mesh != params[0].device_mesh:
+            raise ShardingError(
+                f"Adapprox: {label} lives on another device mesh than parameter {param_indices[0]}; "
+                "put parameters sharded over different meshes in different optimizers"
+            )
     group = params[0].device_mesh.get_group()
     device = params[0].to_local().device
 
@@ -240,7 +245,7 @@ def sharded_adapprox(
     bad = torch.stack(
         [
             (
-                ~(torch.linalg.vector_norm(g, ord=math.inf, dtype=torch.float64) <= _gradient_limit(p))
+                ~(torch.linalg.vector_norm(g, ord=math.inf) <= _gradient_limit(p))
                 if g.numel()
                 else torch.zeros((), dtype=torch.bool, device=device)
             ).to(device=device, dtype=torch.float64)

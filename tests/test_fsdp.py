@@ -442,3 +442,39 @@ def test_train_fsdp_without_torchrun_is_a_one_line_error(tmp_path, monkeypatch):
     checkpoint = make_train_checkpoint(tmp_path / "source")
     result = CliRunner().invoke(app, ["train", str(checkpoint), "--steps", "1", "--fsdp"])
     assert result.exit_code == 2 and "torchrun --nproc-per-node 2" in result.output
+
+
+def _nan_worker(rank: int, port: int, out: str) -> None:
+    mesh = _init(rank, port)
+    model = _sharded(mesh)
+    optimizer = Adapprox(model.parameters(), lr=1e-2, **ADAPTIVE)
+    _train(model, optimizer, range(2), rank)
+    weight = model[0].weight
+    before = {k: v.to_local().clone() for k, v in optimizer.state[weight].items() if k != "step"}
+    before_weight, before_other = weight.to_local().clone(), model[2].weight.to_local().clone()
+    x, y = _batch(2)
+    nn.functional.mse_loss(model(x[rank * 4 : rank * 4 + 4]), y[rank * 4 : rank * 4 + 4]).backward()
+    if rank == 1:
+        weight.grad.to_local()[0, 0] = float("nan")  # only rank 1's shard is bad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step()
+    state = optimizer.state[weight]
+    torch.save(
+        {
+            "unchanged": all(torch.equal(state[k].to_local(), v) for k, v in before.items())
+            and torch.equal(weight.to_local(), before_weight),
+            "step": state["step"].item(),
+            "other_moved": not torch.equal(model[2].weight.to_local(), before_other),
+            "warned": any("NaN" in str(w.message) for w in caught),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_skips_the_parameter_on_every_rank(tmp_path):
+    _launch(_nan_worker, str(tmp_path))
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result == {"unchanged": True, "step": 2.0, "other_moved": True, "warned": True}, rank
