@@ -19,3 +19,14 @@ class UnsafeCheckpointError(InputError):
 
 class UnsupportedStateError(InputError):
     """The optimizer state is not one adapprox reads (SGD, Adafactor, 8-bit, sharded pieces...)."""
+
+
+class OutputError(InputError, OSError):
+    """An output could not be written (no space, no permission, a target it must not replace).
+
+    Also an ``OSError`` (with the original ``errno``), so code that handles I/O failures the
+    Python way keeps working; the message names the target, never a temporary file.
+    """
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno is set
+        return str(self.args[0]) if self.args else ""

@@ -65,15 +65,28 @@ def _show_progress(json_output: bool) -> bool:
 @contextlib.contextmanager
 def _progress(description: str, enabled: bool) -> Iterator[Any]:
     """A bar on stderr driven by the library's ``progress(done, total, name)`` callback."""
-    from adapprox_cli.render import progress
+    from adapprox_cli.render import progress, safe_text
 
     with progress(enabled) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(safe_text(description), total=None)
 
         def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{description} {name}".rstrip())
+            bar.update(
+                task, completed=done, total=total, description=safe_text(f"{description} {name}".rstrip())
+            )
 
         yield update
+
+
+@contextlib.contextmanager
+def _about(path: Path) -> Iterator[None]:
+    """Errors about one parameter's moment name the checkpoint file too."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def _load(path: Path, trust_checkpoint: bool, optimizer_index: int, json_output: bool) -> Any:
@@ -179,7 +192,7 @@ def spectrum(
     _check_plot(plot)
     checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
     moments = _moments(checkpoint, params, moment)
-    with _progress("spectrum", _show_progress(json_output)) as update:
+    with _about(path), _progress("spectrum", _show_progress(json_output)) as update:
         report = spectrum_report(
             moments,
             top=top,
@@ -309,7 +322,7 @@ def compare(
     checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
     moments = _moments(checkpoint, params)
     heads = num_heads or _num_heads(checkpoint)
-    with _progress("compare", _show_progress(json_output)) as update:
+    with _about(path), _progress("compare", _show_progress(json_output)) as update:
         report = compare_methods(
             moments,
             names,
@@ -482,7 +495,7 @@ def estimate(
     else:
         checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
         moments = _moments(checkpoint, params)
-        with _progress("estimate", _show_progress(json_output)) as update:
+        with _about(path), _progress("estimate", _show_progress(json_output)) as update:
             report = estimate_memory(
                 moments,
                 tolerances=tol or (0.05,),
@@ -517,7 +530,7 @@ def _state_bytes_per_number(checkpoint: Any) -> int:
 
 
 def _render_estimate(report: Any) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table
 
     console = stdout_console()
     if report.matrices:
@@ -538,7 +551,7 @@ def _render_estimate(report: Any) -> None:
         for r in report.memory
     ]
     console.print(
-        f"{report.source}: {report.parameters:,} parameters, optimizer state in "
+        safe_text(report.source) + f": {report.parameters:,} parameters, optimizer state in "
         f"{report.bytes_per_number}-byte values"
     )
     _print_table(table("Optimizer-state memory", columns, rows, right_from=2))
