@@ -322,7 +322,7 @@ def _reduced(t: Tensor, reduce) -> Tensor:
     return t if reduce is None else reduce(t)
 
 
-def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2) -> Tensor:
+def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2, rows: int | None = None) -> Tensor:
     """Orthonormal basis of each y[i] (b, m, s) by shifted Cholesky-QR, ``passes`` times.
 
     Y^T Y (+ a shift of m s eps ||Y||_F^2 on the first pass, Fukaya et al. 2020, shifted
@@ -330,9 +330,12 @@ def _cholesky_qr_batched(y: Tensor, reduce=None, passes: int = 2) -> Tensor:
     ``cholesky_ex`` (no host check of its info); Q = Y R^-1 by a triangular solve. A second pass
     restores orthogonality to float64 round-off. A rank-deficient or zero Y gives zero columns
     for the missing directions instead of arbitrary ones; they carry nothing of V.
+    ``rows`` is Y's global row count when Y is row-sharded (every rank must shift its reduced
+    Gram matrix alike, or the ranks' R factors, and so their Q rows, would disagree).
     """
     q = y.to(torch.float64)
-    rows, width = q.shape[-2], q.shape[-1]
+    width = q.shape[-1]
+    rows = q.shape[-2] if rows is None else rows
     tiny = torch.finfo(torch.float64).tiny
     eps = torch.finfo(torch.float64).eps
     for number in range(passes):
@@ -356,26 +359,30 @@ def _srsi_batched(
     omega: Tensor,
     warm_start: Tensor | None,
     reduce=None,
+    rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Unchecked batched S-RSI: v (b, m, n) -> (Q_s (b, m, s), U_s (b, n, s), S (b, s), errors (b, s)).
 
     ``omega`` (b, n, s - j) is drawn by the caller (one generator per matrix, so each matrix
     sees exactly the test matrix ``_srsi`` would draw); ``warm_start`` (b, m, j) or None.
     ``reduce`` is applied to every sum over V's rows (Gram matrices, Q^T V, ||V||^2); None on
-    one device. A matrix holding NaN/Inf gives NaN factors and errors, never an exception.
+    one device; ``rows`` is then V's global row count (the local shard may hold fewer rows,
+    or none). A matrix holding NaN/Inf gives NaN factors and errors, never an exception.
     """
     m, n = v.shape[-2:]
+    if rows is not None:
+        m = rows
     width = min(rank + oversample, m, n)
     if warm_start is not None and warm_start.shape[-1] > 0:
         kept = warm_start[..., : min(warm_start.shape[-1], width)].to(v.dtype)
         y = torch.cat([kept, torch.bmm(v, omega)], dim=-1)
     else:
         y = torch.bmm(v, omega)
-    q = _cholesky_qr_batched(y, reduce)
+    q = _cholesky_qr_batched(y, reduce, rows=rows)
     for _ in range(power_iters):
         # V^T Q as (Q^T V)^T, as in _srsi; its rows live on the n side (not sharded).
         z = _cholesky_qr_batched(_reduced(torch.bmm(q.mT, v), reduce).mT)
-        q = _cholesky_qr_batched(torch.bmm(v, z), reduce)
+        q = _cholesky_qr_batched(torch.bmm(v, z), reduce, rows=rows)
     b = _reduced(torch.bmm(q.mT, v), reduce)  # (batch, s, n)
     b64 = b.to(torch.float64)
     gram = torch.bmm(b64, b64.mT)

@@ -19,6 +19,7 @@ and marked [decided] in comments and in the class docstring.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -286,8 +287,13 @@ class Adapprox(Optimizer):
                     m, n = matrix_view_shape(p.shape)
                     k = min(group["rank_init"], m, n)
                     # Zero factors of rank k_0: Q U^T = 0 is the zero initial moment of Adam.
-                    state["exp_avg_sq_q"] = torch.zeros(m, k, dtype=compute_dtype, device=p.device)
-                    state["exp_avg_sq_u"] = torch.zeros(n, k, dtype=compute_dtype, device=p.device)
+                    if _is_dtensor(p):
+                        state["exp_avg_sq_q"], state["exp_avg_sq_u"] = _distributed().sharded_zero_factors(
+                            p, k, compute_dtype
+                        )
+                    else:
+                        state["exp_avg_sq_q"] = torch.zeros(m, k, dtype=compute_dtype, device=p.device)
+                        state["exp_avg_sq_u"] = torch.zeros(n, k, dtype=compute_dtype, device=p.device)
                 else:
                     state["exp_avg_sq"] = torch.zeros_like(
                         p, dtype=compute_dtype, memory_format=torch.preserve_format
@@ -314,6 +320,9 @@ class Adapprox(Optimizer):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             states: list[dict[str, Tensor]] = []
+            if any(_is_dtensor(p) for p in group["params"]):
+                # FSDP2: before any state exists, refuse placements the factors cannot follow.
+                _distributed().check_sharded_group(group, first_index)
             self._init_group(group, params, grads, states)
             # The parameter's position in the flat order is part of its random seed.
             position = {id(p): first_index + i for i, p in enumerate(group["params"])}
@@ -426,6 +435,9 @@ def adapprox(
         foreach = _default_to_multi_tensor(params)
     # [decided] Cosine guidance needs M_{t-1} beside the new update: it stays on the loop.
     implementation = _multi_tensor_adapprox if foreach and not cosine_guidance else _single_tensor_adapprox
+    if any(_is_dtensor(p) for p in params):
+        # FSDP2 row-sharded parameters: local shards with all-reduced sums and decisions.
+        implementation = _distributed().sharded_adapprox
     implementation(
         params,
         grads,
@@ -449,6 +461,21 @@ def adapprox(
         seed=seed,
         maximize=maximize,
     )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # FSDP2 parameters are DTensors. Importing torch.distributed.tensor costs seconds, and a
+    # DTensor can only exist once it is imported: look it up instead of importing it.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _distributed():
+    # Imported on first use: the sharded step lives beside the DCP checkpoint helpers and
+    # builds on this module's pieces; one-device runs never load it.
+    from adapprox_cli import distributed
+
+    return distributed
 
 
 def _default_to_multi_tensor(params: list[Tensor]) -> bool:

@@ -231,7 +231,7 @@ def test_help_shows_flags_as_flags_and_every_default():
         if current is not None:
             entries[current] += line
     undefaulted = {"--model", "--data", "--text", "--metrics", "--plot", "--compare", "--until"}
-    flags = {"--resume", "--force", "--json", "--trust-checkpoint", "--help"}
+    flags = {"--resume", "--force", "--fsdp", "--json", "--trust-checkpoint", "--help"}
     assert {"--steps", "--lr", "--out", "--batch-size", "--tol"} <= set(entries)
     for option, entry in entries.items():
         assert ("[default:" in entry) == (option not in undefaulted | flags), (option, entry)

@@ -175,6 +175,12 @@ def train_command(
             help="Also run adamw or adafactor from the same checkpoint (writes --out/NAME/ and --out/loss.png).",
         ),
     ] = None,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            "--fsdp", help="Under torchrun: shard weights and optimizer state with FSDP2 instead of DDP."
+        ),
+    ] = False,
     json_output: JsonOption = False,
     trust_checkpoint: TrustOption = False,
 ) -> None:
@@ -184,7 +190,9 @@ def train_command(
     config (see --lr for an ended one). Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next
     step boundary and exits with 130 or 143; run the same command with --resume (or train the saved
     ckpt.pt: it records its data) to continue exactly where it stopped. Under torchrun every
-    process trains a replica (DDP) and only rank 0 writes.
+    process trains a replica (DDP) and only rank 0 writes; with --fsdp the weights and the
+    optimizer state are sharded by rows over the processes (FSDP2) and rank 0 writes the
+    gathered state.
 
     Examples:
 
@@ -193,6 +201,8 @@ def train_command(
         adapprox train out/ckpt.pt --steps 200 --compare adamw
 
         torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu
+
+        torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu --fsdp
     """
     from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, compare_optimizers, plot_loss_curves, train
 
@@ -241,6 +251,7 @@ def train_command(
         trust_checkpoint=trust_checkpoint,
         resume=resume,
         force=force,
+        fsdp=fsdp,
     )
     master = os.environ.get("RANK", "0") == "0"
     with _Progress(enabled=master and not json_output) as progress:

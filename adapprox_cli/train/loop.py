@@ -116,6 +116,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False
     handle_signals: bool = True  # Ctrl-C saves at the next step boundary and stops
+    fsdp: bool = False  # under torchrun: FSDP2 (weights and optimizer state sharded) instead of DDP
 
 
 @dataclass
@@ -738,6 +739,8 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     if config.optimizer not in OPTIMIZERS:
         raise InputError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     _validate(config)
+    if config.fsdp:
+        _check_fsdp(config)
     config = prepare_run(config)
     dist_info = _setup_distributed("cuda" if config.device.startswith("cuda") else config.device)
     try:
@@ -809,7 +812,12 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     )
 
     raw_model = model
-    if dist_info.enabled:
+    if config.fsdp:
+        from adapprox_cli.distributed import shard_for_training
+
+        # FSDP2 shards the module itself: raw_model and model are the same sharded object.
+        shard_for_training(model, optimizer)
+    elif dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(
@@ -882,6 +890,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
         nonlocal best_val_loss
         states = _gather_states(generator.get_state(), dist_info)
         rng_states = _gather_states(torch.get_rng_state(), dist_info)
+        # Under FSDP every rank takes part in gathering the full (one-process) state dicts.
+        gathered = _gathered_state_dicts(raw_model, optimizer) if config.fsdp else None
         if not dist_info.master or out_dir is None:
             return
         run_config = {
@@ -904,8 +914,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "optimizer": config.optimizer,
         }
         checkpoint = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": gathered[0] if gathered else raw_model.state_dict(),
+            "optimizer": gathered[1] if gathered else optimizer.state_dict(),
             "model_args": container.get("model_args"),
             "iter_num": iteration,
             "best_val_loss": torch.tensor(best_val_loss),
@@ -966,7 +976,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                     x, y = get_batch(train_data, block_size, batch_size, generator, device)
                     # Under DDP only the last micro-step all-reduces the gradients (nanoGPT's trick).
                     last = micro_step == config.grad_accum - 1
-                    sync = model.no_sync() if dist_info.enabled and not last else contextlib.nullcontext()
+                    ddp = dist_info.enabled and not config.fsdp
+                    sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
                     with sync:
                         with autocast:
                             loss = _forward_loss(model, x, y) / config.grad_accum
@@ -1046,6 +1057,25 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _check_fsdp(config: TrainConfig) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise InputError(
+            "--fsdp shards the model over the processes torchrun starts; run it as "
+            "torchrun --nproc-per-node 2 -m adapprox_cli train ... --fsdp"
+        )
+    if config.optimizer not in ("adapprox", "adamw"):
+        raise InputError(
+            f"--fsdp supports --optimizer adapprox or adamw, not {config.optimizer} "
+            "(its state does not follow the weight rows FSDP2 shards)"
+        )
+
+
+def _gathered_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    from adapprox_cli.distributed import full_model_state_dict, full_optimizer_state_dict
+
+    return full_model_state_dict(model), full_optimizer_state_dict(optimizer)
 
 
 def _all_mean(value: torch.Tensor, dist_info: _Dist) -> torch.Tensor:
