@@ -744,7 +744,14 @@ def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     config = prepare_run(config)
     dist_info = _setup_distributed("cuda" if config.device.startswith("cuda") else config.device)
     try:
-        return _train(config, callback, dist_info)
+        result = _train(config, callback, dist_info)
+        if dist_info.created:
+            import torch.distributed as dist
+
+            # Every rank leaves together: a rank tearing gloo down while another still sends
+            # (rank 0 writes the last checkpoint) can abort that one at exit.
+            dist.barrier()
+        return result
     finally:
         if dist_info.created:
             import torch.distributed as dist
