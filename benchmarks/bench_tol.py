@@ -210,7 +210,7 @@ def record_gradients(start: str, steps: int, seed: int) -> tuple[list[str], list
     return [names[id(p)] for p in matrices], initial, gradients
 
 
-def run_start(start: str, steps: int, rules: list, seed: int) -> list[dict[str, Any]]:
+def run_start(start: str, steps: int, rules: list, tols: list[float], seed: int) -> list[dict[str, Any]]:
     started = time.perf_counter()
     names, initial, gradients = record_gradients(start, steps, seed)
     print(
@@ -218,7 +218,7 @@ def run_start(start: str, steps: int, rules: list, seed: int) -> list[dict[str, 
         flush=True,
     )
     rows = []
-    for tol in TOLS:
+    for tol in tols:
         sims_by_rule: dict[str, list[Simulation]] = {rule[0]: [] for rule in rules}
         predicted_start = 0
         for index, d0 in enumerate(initial):
@@ -291,13 +291,19 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="steps per start (default 200, quick 30)")
     parser.add_argument("--starts", nargs="*", default=["converted", "scratch"])
+    parser.add_argument(
+        "--tols", nargs="*", type=float, default=list(TOLS), help="tolerances (default 0.01 0.02 0.05 0.1)"
+    )
+    parser.add_argument("--rules", nargs="*", help="run only these rule labels")
     args = parser.parse_args()
     configure_threads(args.threads)
     steps = args.steps or (30 if args.quick else 200)
     rules = [r for r in RULES if not args.quick or r[0] in QUICK_RULES]
+    if args.rules:
+        rules = [r for r in RULES if r[0] in args.rules]
     rows = []
     for start in args.starts:
-        rows += run_start(start, steps, rules, args.seed)
+        rows += run_start(start, steps, rules, args.tols, args.seed)
     for start in args.starts:
         print_table(
             f"{start} start, {steps} real AdamW steps of the sample GPT (beta2 {BETA2}, p {OVERSAMPLE}, l {POWER_ITERS})",
