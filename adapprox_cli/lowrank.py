@@ -483,6 +483,8 @@ def sm3_cover(v: Tensor) -> Tensor:
 # (m, n) x (n, c) product and c * m numbers of state (c = 4: two ranks' worth for a square matrix).
 
 DENSE_SKETCH_COLUMNS = 4
+# Steps count from 1 and convert keys by position only: -1 is a key neither draws with.
+DENSE_SKETCH_KEY = -1
 
 
 def dense_sketch_test_matrix(
@@ -497,8 +499,9 @@ def dense_sketch_test_matrix(
     """Omega (n, columns): standard Gaussian, a pure function of (seed, *keys).
 
     The same Omega must multiply every gradient of a sketch's life, so it is drawn from
-    ``seeded_generator`` each time it is needed (e.g. keys = (parameter index,), without the
-    step) instead of being stored.
+    ``seeded_generator`` each time it is needed instead of being stored. The optimizer's keys
+    are (parameter index, DENSE_SKETCH_KEY): no step (it is fixed for the run) and a key no step
+    or ``convert`` draw uses, so Omega is independent of every S-RSI test matrix.
     """
     _check_rank(columns, "columns")
     generator = seeded_generator(seed, *keys, device=device)

@@ -175,3 +175,10 @@ def test_sketch_rule_holds_the_distance_to_the_dense_shadow_where_todays_rule_dr
     assert statistics.median(today[30:]) > 1.25 * tol  # measured 1.37 x tol
     assert statistics.median(sketch[30:]) <= 1.3 * tol  # measured 0.83 x tol
     assert max(ranks) <= 12
+
+
+def test_sketch_test_matrix_key_differs_from_every_step_and_convert_draw():
+    omega = lowrank.dense_sketch_test_matrix(16, 4, seed=0, keys=(3, lowrank.DENSE_SKETCH_KEY))
+    for keys in [(3,), *((3, step) for step in range(1, 50))]:
+        draw = torch.randn(16, 4, generator=lowrank.seeded_generator(0, *keys))
+        assert not torch.equal(omega, draw)
