@@ -19,3 +19,8 @@ class UnsafeCheckpointError(InputError):
 
 class UnsupportedStateError(InputError):
     """The optimizer state is not one adapprox reads (SGD, Adafactor, 8-bit, sharded pieces...)."""
+
+
+class StateMismatchError(InputError, ValueError):
+    """An optimizer state that does not fit the parameters it is loaded into (a ValueError, as
+    ``torch.optim.Optimizer.load_state_dict`` raises for a mismatched state dict)."""

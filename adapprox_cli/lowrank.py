@@ -706,23 +706,31 @@ def sketched_distances(
             f"sketch {tuple(sketch.shape)} and omega {tuple(omega.shape)} do not fit factors "
             f"{tuple(q.shape)}, {tuple(u.shape)}: expected ({q.shape[0]}, c) and ({u.shape[0]}, c)"
         )
+    return _sketched_distances(sketch, q, u, omega, dense_frobenius_sq)
+
+
+def _sketched_distances(
+    sketch: Tensor, q: Tensor, u: Tensor, omega: Tensor, dense_frobenius_sq: Tensor | float | None
+) -> Tensor:
+    """Unchecked ``sketched_distances`` on one matrix or a stack (leading batch dimensions), with
+    no host synchronisation: the optimizer reads the result once per step with every other choice."""
     s64, q64 = sketch.double(), q.double()
-    a = q64.T @ s64
-    p = u.double().T @ omega.double()
-    perp_sq = torch.linalg.matrix_norm(s64 - q64 @ a).square()
-    head = torch.cumsum((a - p).square().sum(dim=1), 0)
-    a_sq = a.square().sum(dim=1)
-    tail = a_sq.flip(0).cumsum(0).flip(0) - a_sq  # sum_{i>r}, r = 1..s
+    a = q64.mT @ s64
+    p = u.double().mT @ omega.double()
+    perp_sq = torch.linalg.matrix_norm(s64 - q64 @ a).square()[..., None]
+    head = torch.cumsum((a - p).square().sum(dim=-1), -1)
+    a_sq = a.square().sum(dim=-1)
+    tail = a_sq.flip(-1).cumsum(-1).flip(-1) - a_sq  # sum_{i>r}, r = 1..s
     residual = (perp_sq + head + tail.clamp(min=0.0)).sqrt()
     if dense_frobenius_sq is None:
         norm = torch.linalg.matrix_norm(s64)
     else:
         total = torch.as_tensor(dense_frobenius_sq, dtype=torch.float64, device=residual.device)
-        norm = (total * omega.shape[1]).sqrt()
-    if float(norm) == 0.0:
-        # A zero dense moment: any zero factor reproduces it, anything else is infinitely far.
-        return torch.where(residual == 0, torch.zeros_like(residual), torch.full_like(residual, math.inf))
-    return residual / norm
+        norm = (total * omega.shape[-1]).sqrt()
+    norm = norm[..., None]
+    # A zero dense moment: any zero factor reproduces it, anything else is infinitely far.
+    zero = torch.where(residual == 0, torch.zeros_like(residual), torch.full_like(residual, math.inf))
+    return torch.where(norm > 0, residual / torch.where(norm > 0, norm, torch.ones_like(norm)), zero)
 
 
 def dense_ema_rank(
