@@ -47,12 +47,13 @@ from torch import Tensor
 from adapprox_cli import lowrank, memory
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import dtype_name
 from adapprox_cli.methods import METHODS, ApproximationSettings
-from adapprox_cli.optim import is_factored
 
 __all__ = [
     "DEFAULT_ERROR_TOLERANCES",
     "DEFAULT_METHODS",
+    "PEER_OPTIMIZERS",
     "CompareReport",
     "CompareRow",
     "CompareSummary",
@@ -61,6 +62,7 @@ __all__ = [
     "MatrixSpectrum",
     "MemoryRow",
     "Moment",
+    "PeerOptimizer",
     "SpectrumReport",
     "as_moments",
     "common_name_prefix",
@@ -81,7 +83,7 @@ __all__ = [
 ProgressCallback = Callable[[int, int, str], None]  # (matrices done, matrices in all, current name)
 
 DEFAULT_ERROR_TOLERANCES = (0.1, 0.05, 0.01)
-DEFAULT_METHODS = ("svd", "srsi", "svd_lowrank", "adafactor", "smmf", "adam_mini", "sm3")
+DEFAULT_METHODS = tuple(METHODS)  # every registered method, in registry order
 SPECTRUM_METHODS = ("auto", "svd", "gram", "sketch")
 ENERGY_TOPS = (1, 5, 20)
 
@@ -106,8 +108,7 @@ class Moment:
 
     @property
     def matrix_shape(self) -> tuple[int, int] | None:
-        view = lowrank.matrix_view_shape(self.shape)
-        return None if view is None or 0 in view else view
+        return lowrank.matrix_view_shape(self.shape)
 
     @property
     def numel(self) -> int:
@@ -191,7 +192,7 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype:
     if isinstance(spec, torch.dtype):
         if spec in (torch.float32, torch.float64):
             return spec
-        spec = str(spec).removeprefix("torch.")
+        spec = dtype_name(spec)
     table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
     if str(spec).lower() not in table:
         raise InputError(f"--dtype must be float32 or float64, got {spec!r}")
@@ -381,7 +382,7 @@ def spectrum_report(
         progress(len(matrices), len(matrices), "")
     settings = dict(
         top=top, tolerances=list(tolerances), method=method, oversample=oversample, power_iters=power_iters,
-        dtype=str(dtype).removeprefix("torch."), device=str(device), seed=seed,
+        dtype=dtype_name(dtype), device=str(device), seed=seed,
     )  # fmt: skip
     return SpectrumReport(results, skipped, settings)
 
@@ -616,7 +617,7 @@ def compare_methods(
     summary = [_summarize(method, [r for r in rows if r.method == method], numel) for method in methods]
     settings = dict(
         methods=list(methods), rank=rank, oversample=oversample, power_iters=power_iters, exact=exact,
-        adam_mini_default=adam_mini_default, num_heads=num_heads, dtype=str(dtype).removeprefix("torch."),
+        adam_mini_default=adam_mini_default, num_heads=num_heads, dtype=dtype_name(dtype),
         device=str(device), seed=seed,
     )  # fmt: skip
     skipped = [m.name for m in moments if m.matrix_shape is None]
@@ -703,7 +704,7 @@ class MatrixRanks:
 class MemoryRow:
     """Optimizer-state memory of one optimizer configuration."""
 
-    # adamw | adapprox | adapprox_no_m | adafactor | adafactor_m | came | adam_mini | smmf | galore
+    # adamw | adapprox | adapprox_no_m | a PEER_OPTIMIZERS key
     optimizer: str
     label: str
     setting: str  # "tol=0.05", "k=192", "r=128" or ""
@@ -738,17 +739,54 @@ class EstimateReport:
         }
 
 
+@dataclass(frozen=True)
+class PeerOptimizer:
+    """A peer optimizer ``estimate`` compares against: its memory row from the parameter shapes."""
+
+    key: str
+    label: str
+    # (named shapes, galore_rank, num_heads, adam_mini_default) -> (setting, numbers, packed bits)
+    count: Callable[[list[tuple[str, tuple[int, ...]]], int, int | None, str], tuple[str, int, int]] = field(
+        repr=False
+    )
+
+
+# The one list of peers, in table order (after AdamW and the Adapprox rows).
+PEER_OPTIMIZERS = (
+    PeerOptimizer(
+        "adafactor", "Adafactor", lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns)), 0)
+    ),
+    PeerOptimizer(
+        "adafactor_m",
+        "Adafactor (beta1)",
+        lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns), first_moment=True), 0),
+    ),
+    PeerOptimizer("came", "CAME", lambda ns, g, h, d: ("", memory.came_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer(
+        "adam_mini",
+        "Adam-mini",
+        lambda ns, g, h, d: ("", memory.adam_mini_state_numbers(ns, num_heads=h, default=d), 0),
+    ),
+    PeerOptimizer(
+        "smmf",
+        "SMMF",
+        lambda ns, g, h, d: ("", memory.smmf_state_numbers(_shapes(ns)), memory.smmf_sign_bits(_shapes(ns))),
+    ),
+    PeerOptimizer(
+        "galore", "GaLore", lambda ns, g, h, d: (f"r={g}", memory.galore_state_numbers(_shapes(ns), g), 0)
+    ),
+)
+
 _LABELS = {
     "adamw": "AdamW",
     "adapprox": "Adapprox",
     "adapprox_no_m": "Adapprox (beta1=0)",
-    "adafactor": "Adafactor",
-    "adafactor_m": "Adafactor (beta1)",
-    "came": "CAME",
-    "adam_mini": "Adam-mini",
-    "smmf": "SMMF",
-    "galore": "GaLore",
+    **{peer.key: peer.label for peer in PEER_OPTIMIZERS},
 }
+
+
+def _shapes(named_shapes: list[tuple[str, tuple[int, ...]]]) -> list[tuple[int, ...]]:
+    return [s for _, s in named_shapes]
 
 
 def simulate_adaptive_rank(
@@ -769,7 +807,7 @@ def simulate_adaptive_rank(
     cycle (a tolerance right at a sketch's noise level), the largest rank of the cycle is kept.
     """
     m, n = v.shape
-    k_max = lowrank.default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = lowrank.rank_cap(m, n, rank_max)
     rank, warm, history = max(1, rank_min), None, []
     for rounds in range(1, k_max // max(1, oversample) + 20):
         factors = lowrank.as_rsi(
@@ -813,7 +851,7 @@ def estimate_memory(
     """Ranks Adapprox picks per tolerance, and the state memory of AdamW, Adapprox and peers.
 
     ``moments`` should hold every parameter with optimizer state (vectors too: they count in
-    the memory totals). Matrices Adapprox factors (``optim.is_factored``) get a rank per
+    the memory totals). Matrices Adapprox factors (``lowrank.is_factored``) get a rank per
     tolerance, with ``rule``:
 
     - "exact" (default): the smallest rank r in [1, k_max] whose optimal (truncated-SVD) error
@@ -837,7 +875,7 @@ def estimate_memory(
         raise InputError(f"--rank must be >= 1, got {', '.join(map(str, fixed_ranks))}")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     moments = as_moments(moments)
-    factored = [(i, m) for i, m in enumerate(moments) if is_factored(m.shape, rank_max)]
+    factored = [(i, m) for i, m in enumerate(moments) if lowrank.is_factored(m.shape, rank_max)]
     matrices = []
     for done, (_, moment) in enumerate(factored):
         if progress:
@@ -862,7 +900,7 @@ def estimate_memory(
         tolerances=tolerances, rank_max=rank_max, fixed_ranks=list(fixed_ranks), galore_rank=galore_rank,
         num_heads=num_heads,
         adam_mini_default=adam_mini_default, oversample=oversample, power_iters=power_iters,
-        dtype=str(dtype).removeprefix("torch."), device=str(device), seed=seed,
+        dtype=dtype_name(dtype), device=str(device), seed=seed,
     )  # fmt: skip
     parameters = sum(m.numel for m in moments)
     return EstimateReport(source, parameters, bytes_per_number, rule, matrices, memory_rows, settings)
@@ -880,14 +918,14 @@ def _matrix_ranks(
     device: torch.device,
 ) -> MatrixRanks:
     m, n = v.shape
-    k_max = lowrank.default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = lowrank.rank_cap(m, n, rank_max)
     fro_sq = _frobenius_sq(v, moment.name)
     ranks, errors, capped = {}, {}, {}
     if rule == "exact":
         tails = tail_errors(exact_squared_singular_values(v), fro_sq)
         for t in tolerances:
-            r = _first_rank(tails[1:] <= t)
-            capped[t] = r is None or r > k_max
+            r = lowrank.settled_rank(tails[1:], rank_max=k_max, tol=t)
+            capped[t] = r is None
             ranks[t] = k_max if capped[t] else r
             errors[t] = float(tails[ranks[t]])
     else:
@@ -916,19 +954,9 @@ def _memory_rows(
         for key, first in (("adapprox", True), ("adapprox_no_m", False)):
             numbers = memory.adapprox_state_numbers(shapes, ranks, first_moment=first, rank_max=rank_max)
             counts.append((key, setting, numbers, 0))
-    counts += [
-        ("adafactor", "", memory.adafactor_state_numbers(shapes), 0),
-        ("adafactor_m", "", memory.adafactor_state_numbers(shapes, first_moment=True), 0),
-        ("came", "", memory.came_state_numbers(shapes), 0),
-        (
-            "adam_mini",
-            "",
-            memory.adam_mini_state_numbers(named_shapes, num_heads=num_heads, default=adam_mini_default),
-            0,
-        ),
-        ("smmf", "", memory.smmf_state_numbers(shapes), memory.smmf_sign_bits(shapes)),
-        ("galore", f"r={galore_rank}", memory.galore_state_numbers(shapes, galore_rank), 0),
-    ]
+    for peer in PEER_OPTIMIZERS:
+        setting, numbers, bits = peer.count(named_shapes, galore_rank, num_heads, adam_mini_default)
+        counts.append((peer.key, setting, numbers, bits))
     adamw_bytes = memory.state_bytes(counts[0][2], bytes_per_number)
     rows = []
     for key, setting, numbers, bits in counts:
@@ -956,9 +984,7 @@ def estimate_preset(
     if any(k is not None and k < 1 for k in ranks):
         raise InputError(f"--rank must be >= 1, got {', '.join(str(k) for k in ranks)}")
     named_shapes = memory.preset_named_shapes(preset)
-    k_maxes = sorted(
-        {lowrank.default_rank_max(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))}
-    )
+    k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
     settings_ranks: dict[str, int | None] = {}
     for k in ranks:
         if k is None:

@@ -25,7 +25,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adapprox_cli.atomic_io import atomic_write, fsync_directory
+from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes  # re-exported
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
-from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, relative_error, seeded_generator, srsi
-from adapprox_cli.optim import Adapprox, is_factored
+from adapprox_cli.formatting import dtype_name
+from adapprox_cli.lowrank import (
+    is_factored,
+    matrix_view_shape,
+    rank_cap,
+    relative_error,
+    seeded_generator,
+    settled_rank,
+    srsi,
+)
+from adapprox_cli.optim import Adapprox
 
 __all__ = [
     "ConversionReport",
@@ -113,13 +124,6 @@ class ConversionReport:
 # --------------------------------------------------------------------------- helpers
 
 
-def state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
-    """Bytes of the tensors in an optimizer state (``state_dict()["state"]``)."""
-    return sum(
-        t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, Tensor)
-    )
-
-
 def _number(value: Any) -> Any:
     return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
 
@@ -178,7 +182,7 @@ def factor_second_moment(
     below the width from one sketch.
     """
     m, n = v.shape
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+    k_max = rank_cap(m, n, rank_max)
     v = v.double()
     if rank is not None:
         factors = srsi(
@@ -189,8 +193,7 @@ def factor_second_moment(
     width = min(_FIRST_WIDTH, k_max)
     while True:
         factors = srsi(v, width, oversample=oversample, power_iters=power_iters, generator=generator)
-        errors = factors.relative_errors.tolist()
-        chosen = next((r for r in range(low, width + 1) if errors[r - 1] <= tol), None)
+        chosen = settled_rank(factors.relative_errors, rank_min=low, rank_max=width, tol=tol)
         if chosen is not None or width >= k_max:
             k = chosen if chosen is not None else k_max
             return factors.q[:, :k], factors.u[:, :k]
@@ -341,7 +344,7 @@ def _adapprox_param_state(
         new["exp_avg"] = old["exp_avg"]  # carried bit for bit
         if old["exp_avg"].dtype in (torch.bfloat16, torch.float16) and not keep_moment_dtype:
             # New first moments are then kept in the precision the carried ones have.
-            group["first_moment_dtype"] = str(old["exp_avg"].dtype).removeprefix("torch.")
+            group["first_moment_dtype"] = dtype_name(old["exp_avg"].dtype)
     # Second moments live in the optimizer's compute dtype (float32 unless float64 params).
     compute_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     shape = tuple(v.shape)
@@ -349,7 +352,7 @@ def _adapprox_param_state(
         new["exp_avg_sq"] = v.to(compute_dtype) if v.dtype != compute_dtype else v
         return new, None
     m, n = matrix_view_shape(shape)
-    k_max = default_rank_max(m, n) if group["rank_max"] is None else min(group["rank_max"], m, n)
+    k_max = rank_cap(m, n, group["rank_max"])
     matrix = v.reshape(m, n).double()
     q, u = factor_second_moment(
         matrix,
@@ -413,7 +416,7 @@ def adapprox_to_adamw(
     dense = 0
     steps: list[int] = []
     zero_first_moment = False
-    for _, pid in _flat_indices(state_dict["param_groups"]):
+    for g, pid in _flat_indices(state_dict["param_groups"]):
         old = state_dict["state"].get(pid)
         if not old:
             continue
@@ -426,9 +429,8 @@ def adapprox_to_adamw(
             q, u = old["exp_avg_sq_q"], old["exp_avg_sq_u"]
             v = torch.clamp(q @ u.T, min=0.0).reshape(shape)
             m, n = q.shape[0], u.shape[0]
-            matrices.append(
-                MatrixConversion(int(pid), name, tuple(shape), q.shape[1], default_rank_max(m, n), None)
-            )
+            k_max = rank_cap(m, n, state_dict["param_groups"][g].get("rank_max"))
+            matrices.append(MatrixConversion(int(pid), name, tuple(shape), q.shape[1], k_max, None))
         elif "exp_avg_sq" in old:
             v = old["exp_avg_sq"]
             dense += 1
@@ -523,35 +525,6 @@ def _write_torch(obj: Any, path: Path) -> None:
     torch.save(obj, path)
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _temporary_path(destination: Path) -> Path:
-    # Same directory as the destination, so the final os.replace is a rename on one filesystem.
-    fd, name = tempfile.mkstemp(
-        prefix=f".{destination.stem}.", suffix=f".tmp{destination.suffix}", dir=destination.parent
-    )
-    os.close(fd)
-    return Path(name)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary_path)``, then rename the result onto ``path``; no partial file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_path(path)
-    try:
-        write(temporary)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary file and a rename."""
     return atomic_write(path, lambda temporary: _write_torch(obj, temporary))
@@ -574,6 +547,7 @@ def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str
             _remove(old)
         else:
             os.replace(temporary, destination)
+        fsync_directory(destination.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -702,7 +676,7 @@ def _write_output(
     shapes: Mapping[int, tuple[int, ...]],
 ) -> str:
     if output_format == "safetensors":
-        from adapprox_cli.checkpoints.safetensors_format import write_adapprox_safetensors
+        from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetensors
 
         order = [i for _, i in _flat_indices(new_state["param_groups"])]
         # The writer goes through a temporary file and a rename itself.
@@ -718,11 +692,12 @@ def _write_output(
     if output_format == "plain":
         atomic_torch_save(new_state, output)
         return "plain"
-    if checkpoint.format in ("hf-trainer", "accelerate") and Path(checkpoint.path).is_dir():
-        file_name = checkpoint.extra.get("optimizer_file") or (
-            "optimizer.pt" if checkpoint.format == "hf-trainer" else "optimizer.bin"
-        )
-        file_name = Path(file_name).name
+    from adapprox_cli.checkpoints import checkpoint_format
+
+    fmt = checkpoint_format(checkpoint.format)
+    write_back = fmt.write_back if fmt is not None else None
+    if write_back == "directory" and Path(checkpoint.path).is_dir():
+        file_name = Path(checkpoint.extra.get("optimizer_file") or fmt.optimizer_file).name
         if not (Path(checkpoint.path) / file_name).is_file():
             raise InputError(
                 f"{checkpoint.path} has no {file_name} to replace; pass --format plain or --format safetensors"
@@ -730,19 +705,14 @@ def _write_output(
         contents = checkpoint.container_with_optimizer_state(new_state)
         _atomic_copy_directory(Path(checkpoint.path), output, {file_name: contents}, force)
         return checkpoint.format
-    if Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
+    if write_back is None or Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
         raise InputError(
             f"{checkpoint.path} is a {checkpoint.format} checkpoint that adapprox cannot rewrite in place; "
             "pass --format safetensors (or --format plain) to write the converted state on its own"
         )
     container = checkpoint.container_with_optimizer_state(new_state)
-    if checkpoint.format == "nanogpt" and isinstance(container, dict):
-        container = dict(container)
-        container["optimizer_kind"] = target
-        if target == "adapprox":
-            container["adapprox"] = _adapprox_settings(report)
-        else:
-            container.pop("adapprox", None)
+    if fmt.update_container is not None:
+        container = fmt.update_container(container, target, _adapprox_settings(report))
     atomic_torch_save(container, output)
     return checkpoint.format
 

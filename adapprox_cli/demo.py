@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from adapprox_cli.checkpoints.core import optimizer_state_bytes
 from adapprox_cli.optim import Adapprox
 
 
@@ -55,7 +56,7 @@ def run_demo(steps: int = 200, width: int = 192, seed: int = 0) -> list[DemoRun]
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+        state_bytes = optimizer_state_bytes(opt.state)
         ranks = opt.ranks() if isinstance(opt, Adapprox) else {}
         runs.append(DemoRun(name, sum(losses[-20:]) / 20, state_bytes, losses, ranks))
     return runs

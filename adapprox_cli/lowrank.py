@@ -35,10 +35,13 @@ __all__ = [
     "dense_ema_rank",
     "dense_sketch",
     "dense_sketch_test_matrix",
+    "is_factored",
     "matrix_view_shape",
+    "rank_cap",
     "relative_error",
     "relative_errors_from_singular_values",
     "seeded_generator",
+    "settled_rank",
     "sketched_distances",
     "sm3_cover",
     "smmf_rank1",
@@ -122,19 +125,49 @@ def _check_nonnegative_int(value: int, name: str) -> int:
 
 
 def matrix_view_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
-    """The matrix a parameter's second moment is factored as, or None for 0-D/1-D.
+    """The matrix a parameter's second moment is factored as, or None when there is none.
 
     [decided] >2-D weights (convolutions) are viewed as (shape[0], prod(shape[1:])): output
-    channels by fan-in, the layout ``nn.Conv*`` weights already have in memory.
+    channels by fan-in, the layout ``nn.Conv*`` weights already have in memory. 0-D/1-D shapes
+    and empty tensors give None: there is no matrix to factor (their state still counts in
+    memory totals).
     """
-    if len(shape) < 2:
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or 0 in shape:
         return None
-    return int(shape[0]), math.prod(int(d) for d in shape[1:])
+    return shape[0], math.prod(shape[1:])
 
 
 def default_rank_max(m: int, n: int) -> int:
     """k_max = min(m, n) // 4 (at least 1): the largest rank the paper's memory numbers use."""
     return max(1, min(m, n) // 4)
+
+
+def rank_cap(m: int, n: int, rank_max: int | None = None) -> int:
+    """k_max of an m x n matrix: ``default_rank_max`` unless ``rank_max`` is set, never above min(m, n)."""
+    return default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+
+
+# [decided] Matrices with fewer entries than this keep a dense second moment: factoring one
+# saves at most about 20 numbers (a 5 x 5 stores 10 instead of 25) and costs an S-RSI every step.
+MIN_FACTORED_NUMEL = 32
+
+
+def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
+    """Whether a parameter of this shape keeps its second moment as low-rank factors.
+
+    [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), but only when
+    factors at k_max store fewer numbers than the dense matrix, k_max (m + n) < m n, and the
+    matrix has at least ``MIN_FACTORED_NUMEL`` (32) entries. Biases, norms, scalars and tiny
+    matrices keep a dense ``exp_avg_sq``. (The dense-EMA sketch of ``rank_rule="dense"`` adds
+    4 min(m, n) numbers; it is not part of this rule, so that which matrices are factored does
+    not depend on the rank rule.)
+    """
+    view = matrix_view_shape(shape)
+    if view is None:
+        return False
+    m, n = view
+    return m * n >= MIN_FACTORED_NUMEL and rank_cap(m, n, rank_max) * (m + n) < m * n
 
 
 def square_matricize_shape(numel: int) -> tuple[int, int]:
@@ -454,6 +487,21 @@ def adaptive_rank(
         if errors[r - 1] <= tol:
             return r
     return top
+
+
+def settled_rank(
+    relative_errors: Tensor | list[float], *, rank_min: int = 1, rank_max: int, tol: float
+) -> int | None:
+    """The rank ``adaptive_rank`` settles on for a matrix that stops changing ([decided]).
+
+    The rule grows a rank by at most p per evaluation and shrinks it at once, so on a fixed V it
+    stops at the smallest r in [rank_min, rank_max] whose error (``relative_errors[r - 1]``) is at
+    most ``tol``. None when no rank the errors cover qualifies: the rule then holds rank_max, or a
+    wider sketch may still find one.
+    """
+    errors = relative_errors.tolist() if isinstance(relative_errors, Tensor) else list(relative_errors)
+    top = min(rank_max, len(errors))
+    return next((r for r in range(max(1, rank_min), top + 1) if errors[r - 1] <= tol), None)
 
 
 def as_rsi(

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from adapprox_cli.lowrank import default_rank_max, matrix_view_shape, square_matricize_shape
-from adapprox_cli.optim import is_factored
+from adapprox_cli.lowrank import is_factored, matrix_view_shape, rank_cap, square_matricize_shape
 
 __all__ = [
     "PAPER_SAVINGS",
@@ -78,7 +77,7 @@ def adapprox_state_numbers(
             total += numel
         if is_factored(shape, rank_max):
             m, n = matrix_view_shape(shape)
-            k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
+            k_max = rank_cap(m, n, rank_max)
             if rank is None:
                 k = k_max
             elif isinstance(rank, Mapping):

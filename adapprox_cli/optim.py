@@ -29,8 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adapprox_cli.errors import StateMismatchError
-from adapprox_cli.lowrank import (
-    DENSE_SKETCH_COLUMNS,
+from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
     DENSE_SKETCH_KEY,
     _frobenius_sq,
     _sketched_distances,
@@ -39,6 +38,7 @@ from adapprox_cli.lowrank import (
     default_rank_max,
     dense_ema_rank,
     dense_sketch_test_matrix,
+    is_factored,
     matrix_view_shape,
     seeded_generator,
 )
@@ -49,9 +49,6 @@ _FIRST_MOMENT_MODES = ("update", "gradient")
 # "dense": the rank bounds the distance to the dense EMA Adam would hold (default, [decided]);
 # "step": the paper-shaped rule that bounds one step's truncation of the rebuilt V (kept to compare).
 _RANK_RULES = ("dense", "step")
-# [decided] Matrices with a side shorter than this keep a dense second moment: the paper's
-# k_max = min(m, n) / 4 is 0 there (no rank at all), and they hold at most 3 max(m, n) numbers.
-MIN_FACTORED_SIDE = 4
 # State entries that hold the second moment: kept in the compute dtype whatever they were saved in.
 _SECOND_MOMENT_KEYS = ("exp_avg_sq", "exp_avg_sq_q", "exp_avg_sq_u", "exp_avg_sq_sketch")
 _FIRST_MOMENT_DTYPES = {
@@ -62,25 +59,6 @@ _FIRST_MOMENT_DTYPES = {
 # [decided] float16 stores at most 65504: Adam's first moment of a 1e5 gradient becomes Inf and
 # the weights NaN, so float16 is refused (bfloat16 takes the same memory with float32's range).
 _REFUSED_FIRST_MOMENT_DTYPES = ("float16",)
-
-
-def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
-    """Whether a parameter of this shape keeps its second moment as low-rank factors.
-
-    [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), with both sides
-    at least ``MIN_FACTORED_SIDE`` (4), and only when the factors at k_max plus the dense-EMA
-    sketch (``DENSE_SKETCH_COLUMNS`` x min(m, n)) store fewer numbers than the dense matrix:
-    k_max (m + n) + 4 min(m, n) < m n. Biases, norms, scalars and tiny matrices (a 5 x 5 would
-    save nothing) keep a dense ``exp_avg_sq``. Every GPT-2 / LLaMA matrix is factored.
-    """
-    view = matrix_view_shape(shape)
-    if view is None:
-        return False
-    m, n = view
-    if min(m, n) < MIN_FACTORED_SIDE:
-        return False
-    k_max = default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-    return k_max * (m + n) + DENSE_SKETCH_COLUMNS * min(m, n) < m * n
 
 
 def _compute_dtype(param: Tensor) -> torch.dtype:

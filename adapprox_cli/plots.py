@@ -7,9 +7,7 @@ temporary file next to the target and renames it into place, so a reader never s
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from adapprox_cli.analysis import CompareReport, EstimateReport, SpectrumReport, common_name_prefix
+from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import METHODS
 
@@ -56,15 +55,8 @@ def check_plot_path(path: str | Path) -> Path:
 def _save(fig: Figure, path: str | Path) -> Path:
     path = check_plot_path(path)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=path.suffix.lower().lstrip("."), dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    fmt = path.suffix.lower().lstrip(".")
+    return atomic_write(path, lambda temporary: fig.savefig(temporary, format=fmt, dpi=120))
 
 
 def plot_spectrum(report: SpectrumReport, path: str | Path, *, max_lines: int = 8) -> Path:

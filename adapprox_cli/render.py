@@ -16,6 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+# The CLI's spellings of a shape and a size, re-exported for the commands.
+from adapprox_cli.formatting import format_shape as format_shape
+from adapprox_cli.formatting import human_bytes as human_bytes
+
 
 @functools.cache
 def stdout_console() -> Console:
@@ -90,11 +94,3 @@ def track(items: Sequence[Any], description: str, enabled: bool = True) -> Itera
         for item in items:
             yield item
             bar.advance(task)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

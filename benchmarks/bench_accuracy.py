@@ -45,6 +45,7 @@ from common import (
 
 import adapprox_cli.optim as optim_module
 from adapprox_cli import lowrank
+from adapprox_cli.formatting import format_shape
 from adapprox_cli.optim import Adapprox
 
 RANKS = (1, 5, 20)
@@ -392,7 +393,7 @@ def main() -> None:
     rows = []
     for row in static["per_matrix"]:
         rows.append(
-            [row["matrix"].removeprefix("transformer."), "x".join(map(str, row["shape"]))]
+            [row["matrix"].removeprefix("transformer."), format_shape(row["shape"])]
             + [row.get(f"svd_err_k{r}") for r in RANKS]
             + [row.get(f"srsi_ratio_k{r}") for r in RANKS]
             + [row["adafactor_ratio"]]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapprox_cli import lowrank
+from adapprox_cli import checkpoints, lowrank
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -357,12 +357,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     Per-parameter ``step`` counters are included for all optimizers (AdamW and Adapprox keep a
     0-d tensor per parameter); they are a few hundred bytes.
     """
-    return sum(
-        t.numel() * t.element_size()
-        for state in optimizer.state.values()
-        for t in state.values()
-        if isinstance(t, torch.Tensor)
-    )
+    return checkpoints.core.optimizer_state_bytes(optimizer.state)
 
 
 def named_matrices(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

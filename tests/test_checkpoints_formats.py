@@ -243,3 +243,17 @@ def test_second_moments_and_memory(tmp_path):
     assert all(v.dim() == 2 for _, v in matrices)
     expected = sum(t.numel() * t.element_size() for s in truth.states for t in s.values())
     assert ck.total_state_bytes == expected
+
+
+def test_the_format_registry_names_every_format_once_and_the_help_lists_them():
+    from adapprox_cli.checkpoints import FORMATS, checkpoint_format
+    from adapprox_cli.checkpoints.formats import registry
+    from adapprox_cli.cli.options import _FORMAT_LIST
+
+    names = [f.name for f in registry()]
+    assert len(set(names)) == len(names) == 8 and tuple(names) == FORMATS
+    assert names[-1] == "plain"  # the last resort: it refuses what no format accepts
+    for fmt in registry():
+        assert checkpoint_format(fmt.name) is fmt and fmt.description in _FORMAT_LIST
+        assert fmt.write_back in (None, "container", "directory")
+        assert (fmt.write_back == "directory") == (fmt.optimizer_file is not None)

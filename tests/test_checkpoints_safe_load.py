@@ -19,8 +19,8 @@ from checkpoint_factories import (
 )
 
 from adapprox_cli.checkpoints import load_checkpoint, restricted_unpickle, safe_torch_load
-from adapprox_cli.checkpoints.dcp import read_dcp_metadata
-from adapprox_cli.checkpoints.nanogpt import load_nanogpt_meta
+from adapprox_cli.checkpoints.formats.dcp import read_dcp_metadata
+from adapprox_cli.checkpoints.formats.nanogpt import load_nanogpt_meta
 from adapprox_cli.errors import InputError, UnsafeCheckpointError
 
 

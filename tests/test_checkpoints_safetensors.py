@@ -8,7 +8,7 @@ import torch
 from checkpoint_factories import adapprox_state_dict, make_deepspeed, make_plain
 
 from adapprox_cli.checkpoints import detect_format, load_checkpoint, write_adapprox_safetensors
-from adapprox_cli.checkpoints.safetensors_format import read_safetensors_header
+from adapprox_cli.checkpoints.formats.safetensors import read_safetensors_header
 
 
 def test_adamw_round_trip(tmp_path):

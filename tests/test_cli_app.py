@@ -85,3 +85,38 @@ def test_python_dash_m_and_debug_anywhere():
     )
     assert bad.returncode != 0
     assert "Traceback" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "threads"),
+    [(2, 0.0, 1), (2, 3.5, 1), (16, 0.2, 8), (16, 12.0, 4), (16, 40.0, 1), (1, 0.0, 1)],
+)
+def test_auto_threads_is_half_the_cores_less_the_busy_ones(monkeypatch, cores, load, threads):
+    import importlib
+
+    app_module = importlib.import_module("adapprox_cli.cli.app")
+
+    monkeypatch.setattr(app_module.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(app_module.os, "getloadavg", lambda: (load, load, load))
+    assert app_module.auto_threads() == threads
+
+
+@pytest.mark.parametrize("where", ["before", "after", "equals"])
+def test_threads_is_accepted_before_or_after_the_command(where):
+    import torch
+
+    from adapprox_cli.cli.app import _hoist_global_options
+
+    argv = {
+        "before": ["--threads", "3", "_raise-for-tests"],
+        "after": ["_raise-for-tests", "--threads", "3"],
+        "equals": ["_raise-for-tests", "--threads=3"],
+    }[where]
+    before = torch.get_num_threads()
+    try:
+        result = runner.invoke(app, _hoist_global_options(argv))
+        assert "No such option" not in result.output
+        assert result.exit_code == 2 and "not a checkpoint" in result.output
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -155,6 +155,19 @@ def test_round_trip_adamw_adapprox_adamw():
     assert set(adamw.param_groups[0]) >= set(torch.optim.AdamW([torch.zeros(1)]).defaults)
 
 
+def test_rollback_reports_the_groups_own_rank_max():
+    # Weights 96x48 and 40x96: the default k_max would be 12 and 10; the group caps both at 3.
+    model = _tiny_model()
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    opt = Adapprox(
+        [{"params": weights, "rank_max": 3}, {"params": [p for p in model.parameters() if p.dim() < 2]}]
+    )
+    _step(model, opt)
+    _, report = adapprox_to_adamw(opt.state_dict())
+    assert [(m.shape, m.rank_max) for m in report.matrices] == [((96, 48), 3), ((40, 96), 3)]
+    assert all(m.rank <= 3 for m in report.matrices)
+
+
 def test_beta1_zero_drops_first_moment_and_rollback_restores_zeros():
     model = _tiny_model()
     source = _adamw_state(model, steps=3).state_dict()

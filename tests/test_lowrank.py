@@ -259,6 +259,36 @@ def test_matrix_view_shape():
     assert lowrank.matrix_view_shape((5, 4)) == (5, 4)
     assert lowrank.matrix_view_shape((5,)) is None
     assert lowrank.matrix_view_shape(()) is None
+    assert lowrank.matrix_view_shape((0, 3)) is None and lowrank.matrix_view_shape((4, 0, 2)) is None
+
+
+def test_rank_cap_and_is_factored_follow_the_memory_rule():
+    assert lowrank.rank_cap(96, 48) == 12 and lowrank.rank_cap(96, 48, 100) == 48
+    assert lowrank.rank_cap(96, 48, 3) == 3 and lowrank.rank_cap(2, 3) == 1
+    # Factored exactly when k_max (m + n) < m n.
+    assert lowrank.is_factored((96, 48)) and not lowrank.is_factored((96,))
+    assert not lowrank.is_factored((2, 2)) and lowrank.is_factored((8, 8))
+    assert not lowrank.is_factored((8, 8), rank_max=4) and lowrank.is_factored((8, 8), rank_max=3)
+    assert not lowrank.is_factored((0, 8)) and lowrank.is_factored((8, 2, 3, 3))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    errors=st.lists(st.floats(0, 1), min_size=1, max_size=12),
+    tol=st.floats(0, 1),
+    rank_min=st.integers(1, 4),
+    oversample=st.integers(1, 5),
+)
+def test_settled_rank_is_the_fixed_point_of_adaptive_rank(errors, tol, rank_min, oversample):
+    # Ground truth: apply the optimizer's rule step after step to a matrix that stops changing.
+    rank_max = len(errors)
+    rank = 1
+    for _ in range(4 * rank_max + 4):
+        rank = lowrank.adaptive_rank(
+            errors, rank, rank_min=rank_min, rank_max=rank_max, oversample=oversample, tol=tol
+        )
+    settled = lowrank.settled_rank(errors, rank_min=min(rank_min, rank_max), rank_max=rank_max, tol=tol)
+    assert rank == (rank_max if settled is None else settled)
 
 
 @settings(max_examples=25, deadline=None)

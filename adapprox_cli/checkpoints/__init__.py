@@ -13,16 +13,18 @@ from pathlib import Path
 
 from adapprox_cli.checkpoints.core import (
     FACTOR_KEYS,
-    FORMATS,
     SECOND_MOMENT_KEY,
     OptimizerCheckpoint,
     ParamState,
     matrix_view_shape,
 )
-from adapprox_cli.checkpoints.safe_load import restricted_unpickle, safe_torch_load
-from adapprox_cli.checkpoints.safetensors_format import write_adapprox_safetensors
+from adapprox_cli.checkpoints.formats import CheckpointFormat, checkpoint_format, registry
+from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetensors
+from adapprox_cli.checkpoints.safe_load import check_readable_file, restricted_unpickle, safe_torch_load
 from adapprox_cli.checkpoints.summary import describe_checkpoint
 from adapprox_cli.errors import InputError
+
+FORMATS = tuple(f.name for f in registry())  # every format name, in detection order
 
 __all__ = [
     "FACTOR_KEYS",
@@ -30,6 +32,7 @@ __all__ = [
     "SECOND_MOMENT_KEY",
     "OptimizerCheckpoint",
     "ParamState",
+    "checkpoint_format",
     "describe_checkpoint",
     "detect_format",
     "load_checkpoint",
@@ -48,9 +51,9 @@ def detect_format(path: str | Path, *, trust_checkpoint: bool = False) -> str:
     """
     path = Path(path)
     if path.is_dir():
-        return _detect_dir(path)
+        return _detect_dir(path).name
     fmt, _ = _detect_file(path, trust_checkpoint)
-    return fmt
+    return fmt.name
 
 
 def load_checkpoint(
@@ -72,78 +75,26 @@ def load_checkpoint(
 
 
 def _load(path: Path, trust_checkpoint: bool, optimizer_index: int) -> OptimizerCheckpoint:
-    # torch.distributed.checkpoint takes seconds to import: only DCP directories pay for it.
-    from adapprox_cli.checkpoints import (
-        accelerate_format,
-        deepspeed_format,
-        hf_trainer,
-        lightning,
-        nanogpt,
-        plain,
-        safetensors_format,
-    )
-
     if path.is_dir():
-        fmt = _detect_dir(path)
-        _check_single_optimizer(path, fmt, optimizer_index, ("accelerate", "dcp"))
-        if fmt == "hf-trainer":
-            return hf_trainer.load_hf_trainer(path, trust_checkpoint=trust_checkpoint)
-        if fmt == "accelerate":
-            return accelerate_format.load_accelerate(
-                path, trust_checkpoint=trust_checkpoint, optimizer_index=optimizer_index
-            )
-        if fmt == "dcp":
-            from adapprox_cli.checkpoints import dcp
-
-            return dcp.load_dcp(_dcp_dir(path), optimizer_index=optimizer_index)
-        return deepspeed_format.load_deepspeed(path, trust_checkpoint=trust_checkpoint)
-    fmt, obj = _detect_file(path, trust_checkpoint)
-    _check_single_optimizer(path, fmt, optimizer_index, ("lightning",))
-    if fmt == "adapprox-safetensors":
-        return safetensors_format.load_adapprox_safetensors(path)
-    if fmt == "deepspeed":
-        return deepspeed_format.load_deepspeed(path, trust_checkpoint=trust_checkpoint)
-    if fmt == "lightning":
-        return lightning.load_lightning(path, obj, optimizer_index)
-    if fmt == "nanogpt":
-        return nanogpt.load_nanogpt(path, obj)
-    return plain.load_plain(path, obj)
+        fmt, obj = _detect_dir(path), None
+    else:
+        fmt, obj = _detect_file(path, trust_checkpoint)
+    _check_single_optimizer(path, fmt, optimizer_index)
+    return fmt.load(path, obj, trust_checkpoint=trust_checkpoint, optimizer_index=optimizer_index)
 
 
-def _check_single_optimizer(path: Path, fmt: str, optimizer_index: int, multi: tuple[str, ...]) -> None:
-    if optimizer_index and fmt not in multi:
+def _check_single_optimizer(path: Path, fmt: CheckpointFormat, optimizer_index: int) -> None:
+    if optimizer_index and not fmt.several_optimizers:
         raise InputError(
-            f"{path} is a {fmt} checkpoint with one optimizer; --optimizer-index applies to Lightning, accelerate "
+            f"{path} is a {fmt.name} checkpoint with one optimizer; --optimizer-index applies to Lightning, accelerate "
             "and DCP checkpoints with several (drop the option)"
         )
 
 
-def _is_dcp_dir(path: Path) -> bool:
-    return (path / ".metadata").is_file()
-
-
-def _dcp_dir(path: Path) -> Path:
-    """The DCP directory itself, or the ``optimizer_0/`` DCP subdirectory of a Trainer/accelerate FSDP save."""
-    if _is_dcp_dir(path):
-        return path
-    return next(d for d in sorted(path.iterdir()) if d.name.startswith("optimizer") and _is_dcp_dir(d))
-
-
-def _detect_dir(path: Path) -> str:
-    from adapprox_cli.checkpoints.accelerate_format import is_accelerate_dir
-    from adapprox_cli.checkpoints.deepspeed_format import is_deepspeed
-    from adapprox_cli.checkpoints.hf_trainer import is_hf_trainer_dir
-
-    if is_hf_trainer_dir(path):
-        return "hf-trainer"
-    if _is_dcp_dir(path) or any(
-        d.is_dir() and d.name.startswith("optimizer") and _is_dcp_dir(d) for d in path.iterdir()
-    ):
-        return "dcp"  # also Trainer/accelerate FSDP (optimizer_0/) and Lightning FSDP (.ckpt/ with meta.pt)
-    if is_deepspeed(path):
-        return "deepspeed"
-    if is_accelerate_dir(path):
-        return "accelerate"
+def _detect_dir(path: Path) -> CheckpointFormat:
+    for fmt in registry():
+        if fmt.detect_directory is not None and fmt.detect_directory(path):
+            return fmt
     if (path / "trainer_state.json").is_file():
         raise InputError(
             f"{path} is a Hugging Face Trainer checkpoint without optimizer state (no optimizer.pt; saved with "
@@ -158,25 +109,13 @@ def _detect_dir(path: Path) -> str:
     )
 
 
-def _detect_file(path: Path, trust_checkpoint: bool) -> tuple[str, object]:
-    from adapprox_cli.checkpoints import deepspeed_format, lightning, nanogpt, safetensors_format
-    from adapprox_cli.checkpoints.safe_load import check_readable_file
-    from adapprox_cli.checkpoints.torch_state import find_optimizer_state_dict
-
+def _detect_file(path: Path, trust_checkpoint: bool) -> tuple[CheckpointFormat, object]:
     check_readable_file(path)
-    if safetensors_format.is_safetensors(path):
-        if safetensors_format.is_adapprox_export(path):
-            return "adapprox-safetensors", None
-        raise InputError(
-            f"{path} is a safetensors file without optimizer state (model weights?); pass the optimizer "
-            "checkpoint, or the directory that holds both"
-        )
-    if deepspeed_format.is_deepspeed(path):
-        return "deepspeed", None
+    for fmt in registry():
+        if fmt.detect_file is not None and fmt.detect_file(path):
+            return fmt, None
     obj = safe_torch_load(path, trust_checkpoint=trust_checkpoint)
-    if lightning.is_lightning(obj):
-        return "lightning", obj
-    if nanogpt.is_nanogpt(obj):
-        return "nanogpt", obj
-    find_optimizer_state_dict(obj, path)  # raises InputError naming what the file holds instead
-    return "plain", obj
+    for fmt in registry():
+        if fmt.detect_object is not None and fmt.detect_object(obj, path):
+            return fmt, obj
+    raise AssertionError("the plain format accepts every optimizer state dict and refuses the rest")

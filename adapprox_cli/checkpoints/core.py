@@ -8,7 +8,7 @@ true shape and, where it can be established without guessing, its name.
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +16,8 @@ from typing import Any
 import torch
 
 from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.lowrank import matrix_view_shape  # the one shape rule; re-exported here
 
-FORMATS = (
-    "plain",
-    "nanogpt",
-    "hf-trainer",
-    "lightning",
-    "accelerate",
-    "dcp",
-    "deepspeed",
-    "adapprox-safetensors",
-)
 SECOND_MOMENT_KEY = "exp_avg_sq"
 FACTOR_KEYS = ("exp_avg_sq_q", "exp_avg_sq_u")
 
@@ -117,9 +108,7 @@ class OptimizerCheckpoint:
     @property
     def total_state_bytes(self) -> int:
         """Bytes of all optimizer state tensors (computed from shapes; no data is read)."""
-        return sum(
-            tensor_bytes(t) for p in self.params for t in p.state.values() if isinstance(t, torch.Tensor)
-        )
+        return optimizer_state_bytes(dict(enumerate(p.state for p in self.params)))
 
     def param(self, name: str) -> ParamState:
         for p in self.params:
@@ -150,20 +139,17 @@ class OptimizerCheckpoint:
         return root
 
 
-def matrix_view_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
-    """The matrix the analyses see for a parameter shape: 2-D as is, >2-D as (shape[0], prod(rest)).
-
-    Vectors, scalars and empty tensors give None: they are skipped by the analyses but their
-    state still counts in memory totals.
-    """
-    shape = tuple(int(d) for d in shape)
-    if len(shape) < 2 or 0 in shape:
-        return None
-    return shape[0], math.prod(shape[1:])
-
-
 def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor's elements take (its view, not the whole storage)."""
     return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
+    """Bytes of the tensors in an optimizer state: ``optimizer.state`` or ``state_dict()["state"]``.
+
+    Non-tensor entries (a Python ``step``) count nothing; per-parameter ``step`` tensors count.
+    """
+    return sum(tensor_bytes(t) for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
 
 
 def anonymous_name(index: int) -> str:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from adapprox_cli.checkpoints.core import FACTOR_KEYS, SECOND_MOMENT_KEY, anonymous_name, matrix_view_shape
 from adapprox_cli.errors import UnsupportedStateError
+from adapprox_cli.formatting import natural_key
 
 # Wrapper prefixes added by torch.compile, DDP, Lightning < 2.1, FSDP and activation checkpointing.
 _WRAPPER_COMPONENTS = ("_orig_mod", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -74,6 +76,13 @@ def normalize_name(name: str) -> str:
     if parts and parts[0] == "module" and len(parts) > 1:  # DDP wraps at the top only
         parts = parts[1:]
     return ".".join(parts)
+
+
+def normalize_keys(model_state: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A model state dict with ``normalize_name`` applied to every key; None stays None."""
+    if model_state is None:
+        return None
+    return {normalize_name(k): v for k, v in model_state.items()}
 
 
 def evidence_of(state: Mapping[str, object]) -> StateEvidence:
@@ -280,17 +289,11 @@ for _alias in ("mistral", "qwen2", "qwen3"):
 _LEAF_ORDER = ["weight", "bias"]  # nn.Linear/LayerNorm/Conv1D register weight before bias
 
 
-def _natural_component(part: str) -> tuple:
-    return tuple(
-        (0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", part) if tok
-    )
-
-
 def _component_key(part: str, known: list[str]) -> tuple:
     if part.isdigit():
         return (0, int(part), ())
     rank = known.index(part) if part in known else len(known)
-    return (1, rank, _natural_component(part))
+    return (1, rank, natural_key(part))
 
 
 def order_names(names: Iterable[str], model_type: str | None = None) -> list[str]:

@@ -240,8 +240,19 @@ def dcp_metadata_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class RefusedGlobal(UnsafeCheckpointError):
+    """A pickle named a global outside the allowlist; refused before anything ran."""
+
+    def __init__(self, source: Path | str, global_name: str):
+        super().__init__(
+            f"{source} is a pickle that names {global_name}, which is not allowed in this file; "
+            "it was refused without running it. Re-create the file with the tool that should have made it"
+        )
+        self.global_name = global_name
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[tuple[str, str], Any], source: Path):
+    def __init__(self, file: io.BufferedIOBase, allowed: Mapping[tuple[str, str], Any], source: Path | str):
         super().__init__(file)
         self._allowed = allowed
         self._source = source
@@ -249,10 +260,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        raise UnsafeCheckpointError(
-            f"{self._source} is a pickle that names {module}.{name}, which is not allowed in this file; "
-            "it was refused without running it. Re-create the file with the tool that should have made it"
-        )
+        raise RefusedGlobal(self._source, f"{module}.{name}")
+
+
+def unpickle_restricted(
+    payload: bytes, allowed: Mapping[tuple[str, str], Any] = META_PKL_GLOBALS, source: Path | str = "pickle"
+) -> Any:
+    """Unpickle bytes resolving only the ``(module, name)`` globals in ``allowed``; others raise
+    ``RefusedGlobal`` before they run. The one restricted unpickler (``restricted_unpickle`` reads
+    a file through it; ``train.data.read_meta`` words its own messages around it)."""
+    return _RestrictedUnpickler(io.BytesIO(payload), allowed, source).load()
 
 
 def restricted_unpickle(path: str | Path, allowed: Mapping[tuple[str, str], Any] | None = None) -> Any:

@@ -5,35 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
-from adapprox_cli.checkpoints.core import OptimizerCheckpoint, ParamState, tensor_bytes
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint, ParamState, optimizer_state_bytes
+from adapprox_cli.checkpoints.formats import checkpoint_format, registry
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import dtype_name
+
 
 # Container facts worth showing; big or nested objects (model args stay, tensors do not).
-_EXTRA_KEYS = (
-    "model_args",
-    "iter_num",
-    "best_val_loss",
-    "compiled",
-    "model_type",
-    "optimizer_index",
-    "optimizer_count",
-    "global_step",
-    "epoch",
-    "lightning_version",
-    "zero_stage",
-    "tag",
-    "ds_version",
-    "dp_world_size",
-    "prefix",
-    "key_style",
-    "source_format",
-    "ranks",
-    "optimizer_file",
-)
-
-
 def compile_params_regex(pattern: str | None) -> re.Pattern | None:
     if pattern is None:
         return None
@@ -49,10 +27,6 @@ def select_params(ck: OptimizerCheckpoint, pattern: str | None) -> list[ParamSta
     return [p for p in ck.params if regex is None or regex.search(p.name)]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def describe_param(p: ParamState) -> dict[str, Any]:
     view = p.matrix_shape
     return {
@@ -62,7 +36,7 @@ def describe_param(p: ParamState) -> dict[str, Any]:
         "dtype": dtype_name(p.dtype),
         "group": p.group,
         "state_keys": sorted(p.state),
-        "state_bytes": sum(tensor_bytes(t) for t in p.state.values() if isinstance(t, torch.Tensor)),
+        "state_bytes": optimizer_state_bytes({p.index: p.state}),
         "matrix_shape": list(view) if view else None,
         "analysed": bool(view) and p.has_second_moment,
         "rank": int(p.state["exp_avg_sq_q"].shape[1]) if "exp_avg_sq_q" in p.state else None,
@@ -95,7 +69,7 @@ def describe_checkpoint(ck: OptimizerCheckpoint, params_regex: str | None = None
         },
         "params_filter": params_regex,
         "params": [describe_param(p) for p in shown],
-        "extra": {k: ck.extra[k] for k in _EXTRA_KEYS if ck.extra.get(k) is not None},
+        "extra": {k: ck.extra[k] for k in _extra_keys(ck.format) if ck.extra.get(k) is not None},
     }
 
 
@@ -104,3 +78,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def _extra_keys(format_name: str) -> tuple[str, ...]:
+    """The extra fields a format shows; every format's for a name outside the registry."""
+    fmt = checkpoint_format(format_name)
+    if fmt is not None:
+        return fmt.extra_keys
+    return tuple(dict.fromkeys(k for f in registry() for k in f.extra_keys))

@@ -25,6 +25,8 @@ from adapprox_cli.cli.options import (
     TrustOption,
 )
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import format_shape
+from adapprox_cli.methods import METHODS
 
 _OptionalPath = Annotated[
     Path | None,
@@ -125,10 +127,6 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _shape(shape: tuple[int, ...] | list[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
 # --------------------------------------------------------------------------- spectrum
 
 
@@ -221,7 +219,9 @@ def _render_spectrum(report: Any) -> None:
         sigma = _num(m.singular_values[0] if m.singular_values else None)
         name = m.name.removeprefix(prefix)
         rank_99 = _rank(m.rank_for_energy_99, known)
-        rows.append((name, _shape(m.matrix_shape), sigma, _num(m.stable_rank, 4), energy, rank_99, ranks))
+        rows.append(
+            (name, format_shape(m.matrix_shape), sigma, _num(m.stable_rank, 4), energy, rank_99, ranks)
+        )
     console = stdout_console()
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
     title = f"Spectrum of the {what} moment" + (f" (names under {prefix})" if prefix else "")
@@ -271,10 +271,8 @@ def compare(
     iters: _Iters = 5,
     methods: Annotated[
         str,
-        typer.Option(
-            "--methods", help="Comma-separated: svd, srsi, svd_lowrank, adafactor, smmf, adam_mini, sm3."
-        ),
-    ] = "svd,srsi,svd_lowrank,adafactor,smmf,adam_mini,sm3",
+        typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
+    ] = ",".join(METHODS),
     long: Annotated[
         bool, typer.Option("--long", help="One row per matrix and method, with every number.")
     ] = False,
@@ -382,7 +380,9 @@ def _render_compare(report: Any, long: bool) -> None:
         rows = []
         for name in report.matrices:
             errors = [_num(cells[name, method].relative_error) for method in methods]
-            rows.append((name.removeprefix(prefix), _shape(cells[name, methods[0]].matrix_shape), *errors))
+            rows.append(
+                (name.removeprefix(prefix), format_shape(cells[name, methods[0]].matrix_shape), *errors)
+            )
         title = f"Relative error ||V - V~||_F / ||V||_F (rank {rank}" + (
             f"; names under {prefix})" if prefix else ")"
         )
@@ -527,7 +527,7 @@ def _render_estimate(report: Any) -> None:
         rows = []
         for m in report.matrices:
             cells = [f"{m.ranks[t]}{'*' if m.capped[t] else ''} ({m.errors[t]:.3g})" for t in tols]
-            rows.append((m.name.removeprefix(prefix), _shape(m.matrix_shape), m.rank_max, *cells))
+            rows.append((m.name.removeprefix(prefix), format_shape(m.matrix_shape), m.rank_max, *cells))
         title = f"Adaptive ranks ({report.rule} rule)" + (f"; names under {prefix}" if prefix else "")
         _print_table(_wrapping(table(title, columns, rows, right_from=2)))
         if any(any(m.capped.values()) for m in report.matrices):

@@ -8,6 +8,7 @@ stderr with a non-zero exit code; ``--debug`` (anywhere on the command line) or
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -102,15 +103,48 @@ def _root(
         "--threads",
         min=0,
         envvar="ADAPPROX_THREADS",
-        help="CPU threads for torch (0: torch's default). 1 is often fastest for small models or on a busy machine.",
+        help=(
+            "CPU threads for torch; 0 (default) picks half the cores, fewer on a busy machine "
+            "(1 on a 2-core one), which measured fastest or within 1.15x of it for every command. "
+            "Accepted before or after the command name."
+        ),
     ),
 ) -> None:
     global _debug_flag
     _debug_flag = debug
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or auto_threads())
+
+
+def auto_threads() -> int:
+    """Half the cores, less the cores other jobs keep busy (1-minute load average), at least 1.
+
+    On 2 shared cores (`benchmarks/bench_threads.py`) one thread was the fastest choice for every
+    command but `compare` on large matrices of an idle machine (1.14x of two threads), and two
+    threads were up to 4.4x slower on a busy one: OpenMP threads that wait for a core cost more
+    than the parallel work gains, and most of this tool's matrices are small.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = math.ceil(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, min(cores // 2, cores - busy))
+
+
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Move ``--threads N`` from after the command name to before it, where the root parses it."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--threads" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+            continue
+        (front if arg.startswith("--threads=") else rest).append(arg)
+        i += 1
+    return front + rest
 
 
 def main() -> None:
@@ -119,6 +153,7 @@ def main() -> None:
     if "--debug" in argv:
         os.environ["ADAPPROX_DEBUG"] = "1"
         argv = [a for a in argv if a != "--debug"]
+    argv = _hoist_global_options(argv)
     try:
         app(args=argv, prog_name="adapprox")
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import typer
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import CheckpointPath, JsonOption, OptimizerIndexOption, SeedOption, TrustOption
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import format_shape
 
 
 @app.command("convert")
@@ -101,7 +102,7 @@ def _render(report) -> None:
     rows = [
         (
             m.name,
-            "×".join(map(str, m.shape)),
+            format_shape(m.shape),
             m.rank,
             m.rank_max,
             "-" if m.relative_error is None else f"{m.relative_error:.4f}",

@@ -12,6 +12,7 @@ from adapprox_cli.cli.options import (
     ParamsRegex,
     TrustOption,
 )
+from adapprox_cli.formatting import format_shape
 
 # Hyper-parameters every torch Adam group carries: shown in their own columns, or not at all
 # when they hold a default (decoupled_weight_decay is already in the optimizer kind).
@@ -80,7 +81,7 @@ def _render(info: dict[str, Any]) -> None:
         ["#", "name", "shape"] + ["dtype"] * (len(dtypes) > 1) + ["state"] * (len(keys) > 1) + ["analysed as"]
     )
     rows = [
-        (p["index"], p["name"], _shape(p["shape"]))
+        (p["index"], p["name"], format_shape(p["shape"]))
         + ((p["dtype"],) if len(dtypes) > 1 else ())
         + ((" ".join(p["state_keys"]) or "(none)",) if len(keys) > 1 else ())
         + (_analysed(p),)
@@ -141,13 +142,9 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def _shape(shape: list[int]) -> str:
-    return "×".join(map(str, shape)) if shape else "()"
-
-
 def _analysed(p: dict[str, Any]) -> str:
     if p["analysed"]:
-        view = "×".join(map(str, p["matrix_shape"]))
+        view = format_shape(p["matrix_shape"])
         return view + (f" (rank {p['rank']})" if p["rank"] is not None else "")
     if not p["state_keys"]:
         return "skipped (no state)"

@@ -7,11 +7,14 @@ from typing import Annotated
 
 import typer
 
+from adapprox_cli.checkpoints.formats import registry
+
+# Listed from the format registry, so a new format appears here by itself.
+_FORMAT_LIST = ", ".join(f.description for f in registry()[:-1]) + f", or {registry()[-1].description}"
 CheckpointPath = Annotated[
     Path,
     typer.Argument(
-        help="A checkpoint file or directory: torch.save'd optimizer state, nanoGPT ckpt.pt, Hugging Face "
-        "checkpoint-N/, Lightning .ckpt, accelerate/DCP/DeepSpeed directory, or an adapprox safetensors export.",
+        help=f"A checkpoint file or directory: {_FORMAT_LIST}.",
         show_default=False,
     ),
 ]

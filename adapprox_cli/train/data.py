@@ -3,14 +3,13 @@
 nanoGPT's ``prepare.py`` writes token ids as raw little-endian uint16 (``tofile``) and the
 vocabulary as a plain pickle ``{'vocab_size', 'itos', 'stoi'}``. We write the same files and
 read them back defensively: token files through ``np.memmap`` (nothing is loaded until a batch
-needs it) and ``meta.pkl`` through an unpickler that can build nothing but dicts, ints and
-strings, because a pickle from someone else can otherwise run arbitrary code when loaded.
+needs it) and ``meta.pkl`` through the restricted unpickler of ``checkpoints.safe_load``, which
+builds nothing but plain builtins (dicts, lists, ints, floats, strings), because a pickle from
+someone else can otherwise run arbitrary code when loaded.
 """
 
 from __future__ import annotations
 
-import builtins
-import io
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapprox_cli.checkpoints.safe_load import META_PKL_GLOBALS, RefusedGlobal, unpickle_restricted
 from adapprox_cli.errors import InputError
 
 TRAIN_FILE = "train.bin"
@@ -108,30 +108,6 @@ def _show_characters(chars: list[str], limit: int = 12) -> str:
 # meta.pkl
 
 
-class _ForbiddenGlobal(pickle.UnpicklingError):
-    """The pickle named a global outside the allowlist; carries its dotted name."""
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Builds only what a nanoGPT meta.pkl needs; any other global is refused before it runs.
-
-    Plain dicts, ints and strings need no global at all; the three names are allowed only for
-    pickles that spell them out. Everything else (``os.system``, ``builtins.eval``,
-    ``subprocess.Popen``...) would be the way a malicious pickle executes code.
-    """
-
-    ALLOWED_GLOBALS = frozenset({("builtins", "dict"), ("builtins", "int"), ("builtins", "str")})
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED_GLOBALS:
-            return getattr(builtins, name)
-        raise _ForbiddenGlobal(f"{module}.{name}")
-
-
-def _loads_plain_data(payload: bytes) -> Any:
-    return _PlainDataUnpickler(io.BytesIO(payload)).load()
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
     """Read a nanoGPT ``meta.pkl`` without ever executing code from it."""
     path = Path(path)
@@ -146,10 +122,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"{path}: cannot read it ({exc.strerror}); check the path and its permissions"
         ) from None
     try:
-        meta = _loads_plain_data(payload)
-    except _ForbiddenGlobal as exc:
+        meta = unpickle_restricted(payload, META_PKL_GLOBALS, path)
+    except RefusedGlobal as exc:
         raise InputError(
-            f"{path} asks to import {exc} while loading; refused, since that can run code: a nanoGPT "
+            f"{path} asks to import {exc.global_name} while loading; refused, since that can run code: a nanoGPT "
             "meta.pkl holds only a dict of ints and strings, so recreate it from your text"
         ) from None
     except pickle.UnpicklingError as exc:

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapprox_cli.checkpoints.core import optimizer_state_bytes
 from adapprox_cli.convert import (
     ConversionReport,
     adamw_to_adafactor,
@@ -475,15 +476,6 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     )
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
-
-
 @contextlib.contextmanager
 def _stop_on_sigint(enabled: bool) -> Iterator[dict[str, bool]]:
     """Ctrl-C sets a flag the loop checks at each step boundary; a second Ctrl-C interrupts at once."""
@@ -695,7 +687,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "device": device,
             "world_size": dist_info.world_size,
             "tokens_per_step": tokens_per_step,
-            "state_bytes": _state_bytes(optimizer),
+            "state_bytes": optimizer_state_bytes(optimizer.state),
         }
     )
     iter_num = start_iter
@@ -738,7 +730,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                     "lr": lr,
                     "dt": dt,
                     "tokens_per_s": tokens_per_step / dt if dt > 0 else 0.0,
-                    "state_bytes": _state_bytes(optimizer),
+                    "state_bytes": optimizer_state_bytes(optimizer.state),
                 }
                 history.append(record)
                 emit(record)
@@ -767,7 +759,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             end_iter=iter_num,
             history=history,
             evals=evals,
-            state_bytes=_state_bytes(optimizer),
+            state_bytes=optimizer_state_bytes(optimizer.state),
             step_time=float(np.mean(times)) if times else 0.0,
             tokens_per_step=tokens_per_step,
             world_size=dist_info.world_size,

@@ -16,8 +16,9 @@ from typing import Any
 
 from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.formats import CheckpointFormat
+from adapprox_cli.checkpoints.formats.safetensors import load_safetensors_lazy
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
-from adapprox_cli.checkpoints.safetensors_format import load_safetensors_lazy
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError
 
@@ -102,7 +103,7 @@ def _rules(params: list[naming.ModelParam], note: str | None, count: int) -> lis
 
 
 def _normalized(model_state: dict | None) -> dict | None:
-    return {naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None
+    return naming.normalize_keys(model_state or None)
 
 
 def model_files(path: Path, stem: str = "model") -> list[Path]:
@@ -132,3 +133,16 @@ def load_model_state(
             loaded = safe_torch_load(f, trust_checkpoint=trust_checkpoint)
             state.update(loaded if isinstance(loaded, dict) else {})
     return state, all(f.suffix != ".safetensors" for f in files)
+
+
+FORMAT = CheckpointFormat(
+    name="hf-trainer",
+    description="Hugging Face checkpoint-N/",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_hf_trainer(
+        path, trust_checkpoint=trust_checkpoint
+    ),
+    detect_directory=is_hf_trainer_dir,
+    write_back="directory",
+    optimizer_file="optimizer.pt",
+    extra_keys=("model_type", "optimizer_file"),
+)

@@ -16,6 +16,7 @@ import torch
 
 from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import restricted_unpickle
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, rule_candidates
 from adapprox_cli.errors import InputError
@@ -31,7 +32,7 @@ def is_nanogpt(obj: Any) -> bool:
 
 
 def load_nanogpt(path: Path, obj: dict) -> OptimizerCheckpoint:
-    model_state = {naming.normalize_name(k): v for k, v in obj["model"].items()}
+    model_state = naming.normalize_keys(obj["model"])
     params = naming.model_params_from_state_dict(obj["model"])
     count = sum(len(g.get("params", [])) for g in (obj["optimizer"] or {}).get("param_groups", []))
     tiers = [
@@ -70,3 +71,27 @@ def load_nanogpt_meta(path: str | Path) -> dict:
             f"{path} is not a nanoGPT meta.pkl (expected a dict with 'vocab_size', 'itos', 'stoi')"
         )
     return meta
+
+
+def record_optimizer(container: Any, target: str, adapprox_settings: dict) -> Any:
+    """nanoGPT containers say which optimizer they hold (and its settings) for adapprox train."""
+    if not isinstance(container, dict):
+        return container
+    container = dict(container)
+    container["optimizer_kind"] = target
+    if target == "adapprox":
+        container["adapprox"] = adapprox_settings
+    else:
+        container.pop("adapprox", None)
+    return container
+
+
+FORMAT = CheckpointFormat(
+    name="nanogpt",
+    description="nanoGPT ckpt.pt",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_nanogpt(path, obj),
+    detect_object=lambda obj, path: is_nanogpt(obj),
+    write_back="container",
+    update_container=record_optimizer,
+    extra_keys=("model_args", "iter_num", "best_val_loss", "compiled"),
+)

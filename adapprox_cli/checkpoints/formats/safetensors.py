@@ -11,15 +11,14 @@ of strings: ``format`` = "adapprox-optimizer-v1", ``optimizer`` ("adamw" | "adap
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.checkpoints.core import (
     FACTOR_KEYS,
     OptimizerCheckpoint,
@@ -28,7 +27,9 @@ from adapprox_cli.checkpoints.core import (
     clean_param_groups,
     max_step,
     state_dtype,
+    tensor_bytes,
 )
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import check_readable_file
 from adapprox_cli.errors import InputError
 
@@ -223,16 +224,7 @@ def write_adapprox_safetensors(
         metadata["param_names"] = json.dumps(list(param_names))
     if param_shapes is not None:
         metadata["param_shapes"] = json.dumps([list(map(int, s)) for s in param_shapes])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
@@ -248,15 +240,11 @@ def _flatten_state(state: dict) -> dict[str, torch.Tensor]:
             t = t.detach().to("cpu").contiguous()
             # safetensors refuses tensors that share memory (views of one flat DeepSpeed buffer).
             ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-            if t.numel() and (ident in seen or t.untyped_storage().nbytes() != tensor_nbytes(t)):
+            if t.numel() and (ident in seen or t.untyped_storage().nbytes() != tensor_bytes(t)):
                 t = t.clone()
             seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
             tensors[f"state/{int(index)}/{key}"] = t
     return tensors
-
-
-def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _jsonable_group(group: dict) -> dict:
@@ -274,3 +262,23 @@ def _jsonable_group(group: dict) -> dict:
             value = str(value)
         out[key] = value
     return out
+
+
+def _detect_file(path: Path) -> bool:
+    if not is_safetensors(path):
+        return False
+    if is_adapprox_export(path):
+        return True
+    raise InputError(
+        f"{path} is a safetensors file without optimizer state (model weights?); pass the optimizer "
+        "checkpoint, or the directory that holds both"
+    )
+
+
+FORMAT = CheckpointFormat(
+    name="adapprox-safetensors",
+    description="an adapprox safetensors export",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_adapprox_safetensors(path),
+    detect_file=_detect_file,
+    extra_keys=("source_format", "ranks"),
+)

@@ -32,9 +32,11 @@ from adapprox_cli.checkpoints.core import (
     refuse_unsupported_keys,
     state_dtype,
 )
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.formatting import natural_key
 
 _OPTIM_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
@@ -80,10 +82,10 @@ def load_deepspeed(path: Path, *, trust_checkpoint: bool = False) -> OptimizerCh
     if step_dir is None:
         raise InputError(f"{path} is not a DeepSpeed checkpoint (no latest/global_stepN/*_model_states.pt)")
     model_files = sorted(
-        (f for f in step_dir.iterdir() if _MODEL_FILE.match(f.name)), key=lambda f: _natural(f.name)
+        (f for f in step_dir.iterdir() if _MODEL_FILE.match(f.name)), key=lambda f: natural_key(f.name)
     )
     optim_files = sorted(
-        (f for f in step_dir.iterdir() if _OPTIM_FILE.match(f.name)), key=lambda f: _natural(f.name)
+        (f for f in step_dir.iterdir() if _OPTIM_FILE.match(f.name)), key=lambda f: natural_key(f.name)
     )
     mp_ranks = {int(_MODEL_FILE.match(f.name).group(2)) for f in model_files}
     if len(mp_ranks) > 1:
@@ -145,14 +147,10 @@ def _frozen_shapes(value: Any) -> dict[str, list[int]]:
     return {naming.normalize_name(k): list(v) for g in groups if isinstance(g, dict) for k, v in g.items()}
 
 
-def _natural(text: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def _model_state(module: Any) -> dict | None:
     if not isinstance(module, dict):
         return None
-    return {naming.normalize_name(k): v for k, v in module.items() if isinstance(v, torch.Tensor)}
+    return naming.normalize_keys({k: v for k, v in module.items() if isinstance(v, torch.Tensor)})
 
 
 def _load_stage0(
@@ -284,3 +282,16 @@ def _check_bounds(step_dir: Path, name: str, key: str, end: int, total: int) -> 
             f"{step_dir}: {key} of {name} ends at element {end} but the flat partitions hold {total}; "
             "param_shapes does not match the optimizer files (mixed steps?)"
         )
+
+
+FORMAT = CheckpointFormat(
+    name="deepspeed",
+    description="DeepSpeed directory",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_deepspeed(
+        path, trust_checkpoint=trust_checkpoint
+    ),
+    detect_directory=is_deepspeed,
+    detect_file=is_deepspeed,
+    write_back="container",
+    extra_keys=("zero_stage", "tag", "ds_version", "dp_world_size"),
+)

@@ -12,6 +12,7 @@ from typing import Any
 
 from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.torch_state import (
     build_checkpoint,
     find_optimizer_state_dict,
@@ -51,6 +52,19 @@ def load_plain(path: Path, obj: Any) -> OptimizerCheckpoint:
 
 
 def _strip(model_state: dict | None) -> dict | None:
-    if model_state is None:
-        return None
-    return {naming.normalize_name(k): v for k, v in model_state.items()}
+    return naming.normalize_keys(model_state)
+
+
+def _detect(obj: Any, path: Path) -> bool:
+    find_optimizer_state_dict(obj, path)  # the last resort: raises InputError naming what obj holds
+    return True
+
+
+FORMAT = CheckpointFormat(
+    name="plain",
+    description="torch.save'd optimizer state",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_plain(path, obj),
+    detect_object=_detect,
+    write_back="container",
+    extra_keys=("iter_num", "global_step", "epoch"),
+)

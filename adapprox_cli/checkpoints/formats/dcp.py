@@ -13,6 +13,7 @@ entries with ``weights_only=False``). Sharded tensors (FSDP2) are reassembled by
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -21,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
 
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import allowed_globals, dcp_metadata_globals, restricted_unpickle
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import natural_key
 
 METADATA_FILE = ".metadata"
 _PREFIX = re.compile(r"^(optim|optimizer|optimizer_\d+)$")
@@ -85,7 +85,7 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
             f"{path} is a DCP checkpoint without optimizer state (keys like {keys}); save the optimizer with "
             "get_state_dict(model, optimizer) next to the model"
         )
-    order = sorted(layouts, key=lambda p: (p is None, _natural(p or "")))
+    order = sorted(layouts, key=lambda p: (p is None, natural_key(p or "")))
     if not 0 <= optimizer_index < len(order):
         raise InputError(
             f"{path} holds {len(order)} optimizer state(s); --optimizer-index {optimizer_index} is out of range "
@@ -116,10 +116,6 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
     return ck
 
 
-def _natural(text: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
-
-
 def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -132,10 +128,11 @@ def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group": single-process load is intended
+            reader, planner = _reader_and_planner()
             dcp.load(
                 wanted,
-                storage_reader=_RestrictedReader(path),
-                planner=_SafePlanner(flatten_state_dict=False),
+                storage_reader=reader(path),
+                planner=planner(flatten_state_dict=False),
                 no_dist=True,
             )
     except InputError:
@@ -193,23 +190,62 @@ def _same(group: dict, hp: dict) -> bool:
     return {k: v for k, v in group.items() if k != "params"} == hp
 
 
-class _SafePlanner(DefaultLoadPlanner):
-    """DCP's planner unpickles non-tensor entries with ``weights_only=False``; this one does not."""
+@functools.cache
+def _reader_and_planner() -> tuple[type, type]:
+    """DCP's reader and planner made safe; built on first use, since torch.distributed.checkpoint
+    takes seconds to import and only DCP directories should pay for it."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-        with torch.serialization.safe_globals(allowed_globals()):
-            obj = torch.load(value, weights_only=True, map_location="cpu")
-        # The planner works on a (flattened) copy; the caller reads the dict it passed in.
-        self.state_dict[read_item.dest_index.fqn] = obj
-        self.original_state_dict[read_item.dest_index.fqn] = obj
+    class _SafePlanner(DefaultLoadPlanner):
+        """DCP's planner unpickles non-tensor entries with ``weights_only=False``; this one does not."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            with torch.serialization.safe_globals(allowed_globals()):
+                obj = torch.load(value, weights_only=True, map_location="cpu")
+            # The planner works on a (flattened) copy; the caller reads the dict it passed in.
+            self.state_dict[read_item.dest_index.fqn] = obj
+            self.original_state_dict[read_item.dest_index.fqn] = obj
+
+    class _RestrictedReader(FileSystemReader):
+        """Reads ``.metadata`` with the restricted unpickler instead of ``pickle.load``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            md = read_dcp_metadata(Path(self.path))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return _RestrictedReader, _SafePlanner
 
 
-class _RestrictedReader(FileSystemReader):
-    """Reads ``.metadata`` with the restricted unpickler instead of ``pickle.load``."""
+def is_dcp_dir(path: Path) -> bool:
+    return (path / METADATA_FILE).is_file()
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        md = read_dcp_metadata(Path(self.path))
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
-        return md
+
+def dcp_dir(path: Path) -> Path:
+    """The DCP directory itself, or the ``optimizer_0/`` DCP subdirectory of a Trainer/accelerate FSDP save."""
+    if is_dcp_dir(path):
+        return path
+    return next(d for d in sorted(path.iterdir()) if d.name.startswith("optimizer") and is_dcp_dir(d))
+
+
+def _detect(path: Path) -> bool:
+    # Also Trainer/accelerate FSDP (optimizer_0/) and Lightning FSDP (.ckpt/ with meta.pt).
+    return is_dcp_dir(path) or any(
+        d.is_dir() and d.name.startswith("optimizer") and is_dcp_dir(d) for d in path.iterdir()
+    )
+
+
+FORMAT = CheckpointFormat(
+    name="dcp",
+    description="DCP directory",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_dcp(
+        dcp_dir(path), optimizer_index=optimizer_index
+    ),
+    detect_directory=_detect,
+    several_optimizers=True,
+    extra_keys=("optimizer_index", "prefix", "key_style"),
+)

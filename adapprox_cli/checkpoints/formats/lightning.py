@@ -13,6 +13,7 @@ from typing import Any
 
 from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint, is_optimizer_state_dict
+from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
 from adapprox_cli.errors import InputError
 
@@ -57,7 +58,7 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
         # global_step counts optimizer steps of all optimizers together: only a fallback.
         step_fallback=global_step if isinstance(global_step, int) and len(states) == 1 else None,
         container=obj,
-        model_state={naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None,
+        model_state=naming.normalize_keys(model_state or None),
         warnings=warnings,
         extra={
             "optimizer_path": ["optimizer_states", optimizer_index],
@@ -69,3 +70,16 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
             "hyper_parameters": obj.get("hyper_parameters"),
         },
     )
+
+
+FORMAT = CheckpointFormat(
+    name="lightning",
+    description="Lightning .ckpt",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_lightning(
+        path, obj, optimizer_index
+    ),
+    detect_object=lambda obj, path: is_lightning(obj),
+    several_optimizers=True,
+    write_back="container",
+    extra_keys=("optimizer_index", "optimizer_count", "global_step", "epoch", "lightning_version"),
+)

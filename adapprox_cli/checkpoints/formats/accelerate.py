@@ -12,7 +12,8 @@ from pathlib import Path
 
 from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
-from adapprox_cli.checkpoints.hf_trainer import hf_candidates, load_model_state, read_json
+from adapprox_cli.checkpoints.formats import CheckpointFormat
+from adapprox_cli.checkpoints.formats.hf_trainer import hf_candidates, load_model_state, read_json
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError
@@ -62,7 +63,7 @@ def load_accelerate(
         model_tiers=[hf_candidates(params, count, model_type, ordered)] if params else [],
         default_optimizer="adamw",
         container=obj,
-        model_state={naming.normalize_name(k): v for k, v in model_state.items()} if model_state else None,
+        model_state=naming.normalize_keys(model_state or None),
         warnings=warnings,
         extra={
             "optimizer_file": str(optimizer_file),
@@ -70,3 +71,17 @@ def load_accelerate(
             "optimizer_index": optimizer_index,
         },
     )
+
+
+FORMAT = CheckpointFormat(
+    name="accelerate",
+    description="accelerate directory",
+    load=lambda path, obj, *, trust_checkpoint=False, optimizer_index=0: load_accelerate(
+        path, trust_checkpoint=trust_checkpoint, optimizer_index=optimizer_index
+    ),
+    detect_directory=is_accelerate_dir,
+    several_optimizers=True,
+    write_back="directory",
+    optimizer_file="optimizer.bin",
+    extra_keys=("optimizer_index", "optimizer_file"),
+)
