@@ -40,6 +40,8 @@ from adapprox_cli.formatting import dtype_name
 from adapprox_cli.lowrank import (
     is_factored,
     matrix_view_shape,
+    moment_sketch,
+    moment_sketch_test_matrix,
     rank_cap,
     relative_error,
     seeded_generator,
@@ -368,6 +370,11 @@ def _adapprox_param_state(
         q.to(compute_dtype).contiguous(),
         u.to(compute_dtype).contiguous(),
     )
+    if group["rank_rule"] == "dense":
+        # The optimizer's sketch of the dense EMA starts exact, S = D_0 Omega (with its own Omega
+        # for this flat position), so tol bounds the distance to AdamW's moment from step one.
+        omega = moment_sketch_test_matrix(m, n, seed=group["seed"], index=position, dtype=torch.float64)
+        new["exp_avg_sq_sketch"] = moment_sketch(matrix, omega).to(compute_dtype).contiguous()
     error = _reconstruction_error(matrix, new["exp_avg_sq_q"], new["exp_avg_sq_u"])
     return new, MatrixConversion(int(pid), name, shape, q.shape[1], k_max, error)
 

@@ -37,6 +37,8 @@ __all__ = [
     "dense_sketch_test_matrix",
     "is_factored",
     "matrix_view_shape",
+    "moment_sketch",
+    "moment_sketch_test_matrix",
     "rank_cap",
     "relative_error",
     "relative_errors_from_singular_values",
@@ -709,6 +711,26 @@ def dense_sketch(v: Tensor, omega: Tensor) -> Tensor:
     if omega.ndim != 2 or omega.shape[0] != v.shape[1]:
         raise ValueError(f"omega must have shape ({v.shape[1]}, c), got {tuple(omega.shape)}")
     return v @ omega.to(v.dtype)
+
+
+def moment_sketch_test_matrix(
+    m: int, n: int, *, seed: int, index: int, dtype: torch.dtype = torch.float32, device="cpu"
+) -> Tensor:
+    """The optimizer's Omega for parameter ``index`` (flat position) of an m x n matrix.
+
+    (max(m, n), DENSE_SKETCH_COLUMNS), keys (index, DENSE_SKETCH_KEY): the sketch lives on the
+    smaller side (``moment_sketch``), so it stores DENSE_SKETCH_COLUMNS * min(m, n) numbers.
+    ``convert`` and the optimizer both call this: a converted sketch continues in the optimizer.
+    Drawn in float32 whatever ``dtype`` (then cast), so a float32 state loaded into a float64
+    model keeps the Omega its sketch was made with.
+    """
+    omega = dense_sketch_test_matrix(max(m, n), seed=seed, keys=(index, DENSE_SKETCH_KEY), device=device)
+    return omega.to(dtype)
+
+
+def moment_sketch(d: Tensor, omega: Tensor) -> Tensor:
+    """The optimizer's sketch of a dense moment D (m x n): D Omega, or D^T Omega when m > n."""
+    return (d.mT if d.shape[-2] > d.shape[-1] else d) @ omega.to(d.dtype)
 
 
 def update_dense_sketch(sketch: Tensor, grad: Tensor, omega: Tensor, beta2: float) -> Tensor:

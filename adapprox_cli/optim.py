@@ -30,16 +30,16 @@ from torch.optim import Optimizer
 
 from adapprox_cli.errors import StateMismatchError
 from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
-    DENSE_SKETCH_KEY,
     _frobenius_sq,
     _sketched_distances,
     _srsi,
     _srsi_batched,
     default_rank_max,
     dense_ema_rank,
-    dense_sketch_test_matrix,
     is_factored,
     matrix_view_shape,
+    moment_sketch,
+    moment_sketch_test_matrix,
     seeded_generator,
 )
 
@@ -664,13 +664,6 @@ def _rank_k_max(m: int, n: int, rank_max: int | None) -> int:
 # distance of every candidate rank (lowrank section "rank rule: distance to the dense EMA").
 
 
-def _sketch_test_matrix(seed: int, index: int, m: int, n: int, dtype: torch.dtype, device) -> Tensor:
-    """The sketch's fixed Omega (max(m, n), c): a function of (seed, parameter index) alone."""
-    return dense_sketch_test_matrix(
-        max(m, n), seed=seed, keys=(index, DENSE_SKETCH_KEY), dtype=dtype, device=device
-    )
-
-
 def _next_dense_sketch(
     sketch: Tensor | None, g2d: Tensor, v: Tensor, omega: Tensor, beta2: float
 ) -> tuple[Tensor, bool]:
@@ -679,9 +672,9 @@ def _next_dense_sketch(
     Without a sketch (a fresh state, or one saved without it) the dense EMA starts from the
     factored moment, D_{t-1} = max(Q U^T, 0): then D_t = V_t exactly, so S_t = V_t Omega.
     """
-    tall = g2d.shape[0] > g2d.shape[1]
     if sketch is None:
-        return (v.mT if tall else v) @ omega, True
+        return moment_sketch(v, omega), True
+    tall = g2d.shape[0] > g2d.shape[1]
     g2 = g2d.square()
     return torch.addmm(sketch, g2.mT if tall else g2, omega, beta=beta2, alpha=1.0 - beta2), False
 
@@ -752,7 +745,7 @@ def _single_tensor_adapprox(
         k_max = _rank_k_max(m, n, rank_max)
         evaluate, jump = (step - 1) % rank_interval == 0, False
         if rank_rule == "dense":
-            omega = _sketch_test_matrix(seed, index, m, n, v.dtype, v.device)
+            omega = moment_sketch_test_matrix(m, n, seed=seed, index=index, dtype=v.dtype, device=v.device)
             dense_sketches[position], started = _next_dense_sketch(
                 state.get("exp_avg_sq_sketch"), g2d, v, omega, beta2
             )
@@ -965,7 +958,12 @@ def _multi_tensor_adapprox(
         if rank_rule == "dense":
             # Per matrix, as in the loop (same Omega, same product): the sketches stay bitwise
             # identical between the two paths; the distances are then computed on the stack.
-            omegas = [_sketch_test_matrix(seed, param_indices[i], m, n, v.dtype, device) for i in positions]
+            omegas = [
+                moment_sketch_test_matrix(
+                    m, n, seed=seed, index=param_indices[i], dtype=v.dtype, device=device
+                )
+                for i in positions
+            ]
             for row, i in enumerate(positions):
                 dense_sketches[i], _ = _next_dense_sketch(
                     states[i].get("exp_avg_sq_sketch"), g2d[row], v[row], omegas[row], beta2

@@ -123,7 +123,7 @@ def test_matches_reference_step_for_step(device, first_moment, beta1, rule):
         "m": torch.zeros(m, n, dtype=torch.float64),
         "dense": torch.zeros(m, n, dtype=torch.float64),
         # the optimizer's Omega for parameter 0 and seed 0, on the larger side (48 rows)
-        "omega": dense_sketch_test_matrix(m, seed=0, keys=(0, DENSE_SKETCH_KEY), dtype=torch.float64),
+        "omega": dense_sketch_test_matrix(m, seed=0, keys=(0, DENSE_SKETCH_KEY)).double(),
     }
     param = nn.Parameter(w0.clone().to(device))
     opt = Adapprox(

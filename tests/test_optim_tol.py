@@ -228,3 +228,42 @@ def test_size_floor_keeps_tiny_matrices_dense_and_every_model_matrix_factored():
     assert is_factored((10, 5)) and is_factored((8, 8)) and is_factored((3, 96))
     for shape in [(768, 768), (768, 2304), (3072, 768), (50257, 768), (1024, 1024), (11008, 4096)]:
         assert is_factored(shape)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def test_convert_stores_the_exact_sketch_the_optimizer_continues():
+    """``adamw_to_adapprox`` keeps the state the optimizer would: factors at the static rank and
+    S = D_0 Omega of AdamW's own exp_avg_sq; the optimizer then tracks AdamW's moment exactly."""
+    from adapprox_cli.convert import adamw_to_adapprox
+
+    param = nn.Parameter(torch.zeros(64, 48))
+    adamw = torch.optim.AdamW([param], lr=0.0, betas=(0.9, 0.95))
+    stream = gradient_stream(64, 48, 12, seed=4)
+    for grad in stream[:6]:
+        param.grad = grad
+        adamw.step()
+    converted, _ = adamw_to_adapprox(adamw.state_dict(), tol=0.05)
+    d0 = adamw.state[param]["exp_avg_sq"].double()
+    omega = lowrank.moment_sketch_test_matrix(64, 48, seed=0, index=0).double()
+    torch.testing.assert_close(
+        converted["state"][0]["exp_avg_sq_sketch"].double(), d0.T @ omega, rtol=1e-6, atol=0
+    )
+    step_rule, _ = adamw_to_adapprox(adamw.state_dict(), tol=0.05, rank_rule="step")
+    assert "exp_avg_sq_sketch" not in step_rule["state"][0]
+
+    opt = Adapprox([param])
+    opt.load_state_dict(converted)
+    for grad in stream[6:]:
+        param.grad = grad
+        adamw.step()
+        opt.step()
+    beta2 = 0.95
+    assert opt.param_groups[0]["betas"][1] == beta2
+    dense = adamw.state[param]["exp_avg_sq"].double()
+    torch.testing.assert_close(
+        opt.state[param]["exp_avg_sq_sketch"].double(), dense.T @ omega, rtol=1e-5, atol=0
+    )
+    product = (opt.state[param]["exp_avg_sq_q"] @ opt.state[param]["exp_avg_sq_u"].T).double().clamp(min=0.0)
+    assert lowrank.relative_error(dense, product) <= 1.3 * 0.05

@@ -466,6 +466,7 @@ def estimate(
         adapprox estimate --shapes gpt2-124m --rank 192 --rank 1
     """
     from adapprox_cli.analysis import estimate_memory, estimate_preset
+    from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 
     _check_plot(plot)
     if (path is None) == (shapes is None):
@@ -500,6 +501,7 @@ def estimate(
                 seed=seed,
                 source=str(path),
                 progress=update,
+                sketch_columns=DENSE_SKETCH_COLUMNS,  # the state the default optimizer keeps
             )
     if json_output:
         from adapprox_cli.render import print_json
