@@ -404,8 +404,9 @@ def _srsi_batched(
     s = evals.sqrt()
     q_rot = torch.bmm(q, w.to(v.dtype))
     u_rot = torch.bmm(b.mT, w.to(v.dtype))  # B^T W = Z S
-    # ||V||_F^2 from row norms in float64: no m x n temporary, no float32 overflow.
-    total = _reduced(torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64).square().sum(-1), reduce)
+    # ||V||_F^2 from row norms (no m x n temporary; a float64 norm would cast V to a float64
+    # copy), summed in float64. An overflowing row gives inf errors: the rank rule's top rank.
+    total = _reduced(torch.linalg.vector_norm(v, dim=-1).to(torch.float64).square().sum(-1), reduce)
     total = torch.where(finite, total, torch.full_like(total, math.nan))
     captured = torch.cumsum(evals, -1)
     residual = torch.clamp(total[:, None] - captured, min=0.0).sqrt()

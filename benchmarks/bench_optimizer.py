@@ -17,8 +17,8 @@ shows the worst-case step and state regardless of gradients. 1-D gradients are N
 
 Timing: after one warm-up step each, the optimizers step in rotated round-robin order for
 --rounds rounds (medians; ratios to AdamW from the same rounds). Breakdown of Adapprox's step:
-``adapprox_cli.optim._srsi`` (S-RSI), ``_apply_rank_choices`` (rank selection, with its one host
-sync) and ``_finite_flags`` (NaN/Inf check) are wrapped with timers; "rest" is the remainder
+``adapprox_cli.optim._srsi`` (S-RSI; ``_srsi_batched`` on the batched path), ``_rank_choices``
+(rank selection, with its one host sync on the loop) and ``_finite_flags`` (NaN/Inf check) are wrapped with timers; "rest" is the remainder
 (rebuilding V = clamp(Q U^T) * beta2 + (1 - beta2) G^2, sqrt, the update, clipping, moments).
 A torch.profiler table of one Adapprox step lists the most expensive operators.
 "Adapprox b1=0.9, S-RSI v0" runs the library optimizer with the S-RSI body as first written
@@ -52,7 +52,7 @@ from adapprox_cli.memory import adamw_state_numbers, adapprox_state_numbers, gpt
 from adapprox_cli.optim import Adapprox
 
 LR = 1e-5
-WRAPPED = ("_srsi", "_apply_rank_choices", "_finite_flags")
+WRAPPED = ("_srsi", "_srsi_batched", "_rank_choices", "_finite_flags")
 
 
 class Breakdown:
@@ -115,13 +115,14 @@ def build_optimizers(params, include_patch: bool, include_fixed: bool):
     optimizers = {
         "AdamW (foreach)": (torch.optim.AdamW(params, lr=LR, foreach=True), None),
         "Adafactor (torch)": (torch.optim.Adafactor(params, lr=LR), None),
-        "Adapprox b1=0.9": (Adapprox(params, lr=LR), None),
-        "Adapprox b1=0": (Adapprox(params, lr=LR, betas=(0.0, 0.999)), None),
+        "Adapprox b1=0.9": (Adapprox(params, lr=LR, foreach=False), None),
+        "Adapprox b1=0.9, batched": (Adapprox(params, lr=LR, foreach=True), None),
+        "Adapprox b1=0": (Adapprox(params, lr=LR, betas=(0.0, 0.999), foreach=False), None),
     }
     if include_patch:
-        optimizers["Adapprox b1=0.9, S-RSI v0"] = (Adapprox(params, lr=LR), PATCHES)
+        optimizers["Adapprox b1=0.9, S-RSI v0"] = (Adapprox(params, lr=LR, foreach=False), PATCHES)
     if include_fixed:
-        optimizers["Adapprox b1=0.9, k=k_max"] = (Adapprox(params, lr=LR, rank_init=192, rank_min=192), None)
+        optimizers["Adapprox b1=0.9, k=k_max"] = (Adapprox(params, lr=LR, rank_init=192, rank_min=192, foreach=False), None)
     return optimizers
 
 
@@ -305,10 +306,10 @@ def main() -> None:
             [
                 name,
                 total * 1e3,
-                parts["_srsi"] * 1e3,
-                parts["_srsi"] / total,
-                parts["_apply_rank_choices"] * 1e3,
-                parts["_apply_rank_choices"] / total,
+                (parts["_srsi"] + parts["_srsi_batched"]) * 1e3,
+                (parts["_srsi"] + parts["_srsi_batched"]) / total,
+                parts["_rank_choices"] * 1e3,
+                parts["_rank_choices"] / total,
                 parts["_finite_flags"] * 1e3,
                 parts["rest"] * 1e3,
                 parts["rest"] / total,

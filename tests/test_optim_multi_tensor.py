@@ -112,21 +112,21 @@ def test_batched_path_equals_the_loop_over_20_steps(device, kwargs):
     assert len(seen_ranks) > 1  # the ranks moved: the rank rule was exercised
 
 
-def test_foreach_none_picks_the_batched_path_only_on_cuda(monkeypatch):
+def test_foreach_none_picks_the_batched_path_and_false_the_loop(monkeypatch):
     calls = []
     original = optim_module._multi_tensor_adapprox
     monkeypatch.setattr(
         optim_module, "_multi_tensor_adapprox", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     params = make_params("cpu")
-    opt = Adapprox(params)
+    opt = Adapprox(params, foreach=False)
     for p, g in zip(params, gradients(1)[0]):
         p.grad = g
     opt.step()
-    assert calls == []  # the CPU default is the loop
-    assert optim_module._default_to_multi_tensor([torch.empty(1, device="meta")]) is False
-    Adapprox(params, foreach=True).step()
-    assert calls == [1]
+    assert calls == []  # foreach=False: the loop
+    Adapprox(params).step()
+    assert calls == [1]  # the default, on the CPU as on CUDA
+    assert optim_module._default_to_multi_tensor([]) is False
 
 
 def test_cosine_guidance_runs_on_the_loop_under_foreach():
@@ -277,3 +277,18 @@ def test_float16_first_moment_is_refused_and_a_loaded_one_widened():
             opt.step()
         assert torch.isfinite(p).all()
         assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_gpu_benchmark_smoke_mode_runs_on_the_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    env = dict(os.environ, PYTHONPATH=".")
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", "--device", "cpu", "--smoke", "--json", str(out)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["results"]
+    assert [r["optimizer"] for r in rows] == ["AdamW(fused)", "Adapprox"]
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
