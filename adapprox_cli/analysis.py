@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from adapprox_cli import lowrank, memory
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import dtype_name
@@ -832,7 +833,7 @@ def _sketch_error(factors: lowrank.LowRankFactors, rank: int) -> float:
 def estimate_memory(
     moments: Iterable[tuple[str, Tensor] | Moment],
     *,
-    tolerances: Sequence[float] = (0.05,),
+    tolerances: Sequence[float] = (DEFAULT_TOL,),
     rank_max: int | None = None,
     fixed_ranks: Sequence[int] = (),
     rule: str = "exact",

@@ -48,7 +48,7 @@ from adapprox_cli.lowrank import (
     settled_rank,
     srsi,
 )
-from adapprox_cli.optim import Adapprox
+from adapprox_cli.optim import DEFAULT_TOL, Adapprox
 
 __all__ = [
     "ConversionReport",
@@ -214,7 +214,7 @@ def _reconstruction_error(v: Tensor, q: Tensor, u: Tensor) -> float:
 def adamw_to_adapprox(
     state_dict: Mapping[str, Any],
     *,
-    tol: float = 0.05,
+    tol: float = DEFAULT_TOL,
     rank: int | None = None,
     beta1: float | None = None,
     names: Mapping[int, str] | None = None,
@@ -226,7 +226,10 @@ def adamw_to_adapprox(
 
     Args:
         state_dict: ``optimizer.state_dict()`` of AdamW or Adam (not modified).
-        tol: the adaptive-rank error target; also stored as the groups' ``tol``.
+        tol: the largest relative distance (Frobenius) of the stored second moment to AdamW's;
+            each matrix is factored at the smallest rank whose exact error of exp_avg_sq is
+            within it, with the exact sketch S = D_0 Omega, and stored as the groups' ``tol`` (the
+            optimizer's default rank_rule then holds that distance to the dense EMA).
         rank: factor every matrix at this fixed rank (clamped to its k_max) instead.
         beta1: override the first-moment decay; 0 drops ``exp_avg``.
         names, shapes: optional names and parameter shapes by saved index, for the report and a
@@ -613,7 +616,7 @@ def convert_checkpoint(
     *,
     to: str | None = None,
     output_format: str = "auto",
-    tol: float = 0.05,
+    tol: float = DEFAULT_TOL,
     rank: int | None = None,
     beta1: float | None = None,
     force: bool = False,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import StateMismatchError
 from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
     _frobenius_sq,
@@ -43,7 +44,7 @@ from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported a
     seeded_generator,
 )
 
-__all__ = ["Adapprox", "adapprox", "is_factored"]
+__all__ = ["DEFAULT_TOL", "Adapprox", "adapprox", "is_factored"]
 
 _FIRST_MOMENT_MODES = ("update", "gradient")
 # "dense": the rank bounds the distance to the dense EMA Adam would hold (default, [decided]);
@@ -139,7 +140,7 @@ class Adapprox(Optimizer):
         rank_max: k_max for every matrix, or ``None`` for min(m, n) // 4 per matrix.
         tol: with ``rank_rule="dense"``, the largest relative distance (Frobenius) of the
             stored moment max(Q U^T, 0) to the dense EMA Adam would hold; with ``"step"``, the
-            largest relative truncation error of one step. Default: 0.05.
+            largest relative truncation error of one step. Default: ``DEFAULT_TOL`` (0.15).
         rank_rule: ``"dense"`` (default) or ``"step"``, see above.
         rank_jump: let the first evaluation of a new sketch take any rank up to k_max.
         oversample: p >= 1, extra sketch columns (also the most a rank grows per evaluation;
@@ -174,7 +175,7 @@ class Adapprox(Optimizer):
         rank_init: int = 1,
         rank_min: int = 1,
         rank_max: int | None = None,
-        tol: float = 0.05,
+        tol: float = DEFAULT_TOL,
         rank_rule: str = "dense",
         rank_jump: bool = True,
         oversample: int = 5,

@@ -24,6 +24,7 @@ from adapprox_cli.cli.options import (
     SeedOption,
     TrustOption,
 )
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
@@ -412,7 +413,9 @@ def estimate(
     tol: Annotated[
         list[float] | None,
         typer.Option(
-            "--tol", help="Relative-error tolerance of the adaptive rank (default 0.05); repeat for several."
+            "--tol",
+            help=f"Largest relative distance (Frobenius) of the stored second moment to Adam's, as "
+            f"Adapprox's tol bounds it (default {DEFAULT_TOL}); repeat for several.",
         ),
     ] = None,
     rank_max: Annotated[
@@ -486,7 +489,7 @@ def estimate(
         with _progress("estimate", _show_progress(json_output)) as update:
             report = estimate_memory(
                 moments,
-                tolerances=tol or (0.05,),
+                tolerances=tol or (DEFAULT_TOL,),
                 rank_max=rank_max,
                 fixed_ranks=rank or (),
                 rule=rule,

@@ -84,7 +84,12 @@ def train_command(
         int, typer.Option("--save-interval", help="Write a checkpoint every this many steps (0: at the end).")
     ] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch sampler.")] = 1337,
-    tol: Annotated[float | None, typer.Option("--tol", help="Adapprox: adaptive-rank error target.")] = None,
+    tol: Annotated[
+        float | None,
+        typer.Option(
+            "--tol", help="Adapprox: largest relative distance of the stored second moment to Adam's."
+        ),
+    ] = None,
     beta1: Annotated[float | None, typer.Option("--beta1", help="First-moment decay; 0 stores none.")] = None,
     first_moment: Annotated[
         str | None, typer.Option("--first-moment", help="Adapprox: gradient (Adam's form) or update.")
