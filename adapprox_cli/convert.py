@@ -25,7 +25,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from torch import Tensor
 from adapprox_cli.atomic_io import atomic_write, fsync_directory
 from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes  # re-exported
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
-from adapprox_cli.formatting import dtype_name
+from adapprox_cli.formatting import dtype_name, format_shape
 from adapprox_cli.lowrank import (
     is_factored,
     matrix_view_shape,
@@ -49,6 +49,7 @@ from adapprox_cli.lowrank import (
     srsi,
 )
 from adapprox_cli.optim import DEFAULT_TOL, Adapprox
+from adapprox_cli.validation import check_tol
 
 __all__ = [
     "ConversionReport",
@@ -220,6 +221,7 @@ def adamw_to_adapprox(
     names: Mapping[int, str] | None = None,
     shapes: Mapping[int, Sequence[int]] | None = None,
     power_iters: int = CONVERT_POWER_ITERS,
+    progress: Callable[[int, int, str], None] | None = None,
     **settings: Any,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Convert an AdamW/Adam state dict into one ``Adapprox.load_state_dict`` accepts.
@@ -235,11 +237,13 @@ def adamw_to_adapprox(
         names, shapes: optional names and parameter shapes by saved index, for the report and a
             shape check (the shape otherwise comes from ``exp_avg_sq``).
         power_iters: S-RSI rounds used here (the optimizer's own ``power_iters`` is a setting).
+        progress: called as ``progress(done, total, name)`` before each parameter and at the end.
         **settings: other ``Adapprox`` settings (rank_max, oversample, first_moment, seed, ...).
 
     Returns the new state dict (tensors not touched are shared with the input) and a report.
     """
     _check_state_dict(state_dict)
+    tol = check_tol(tol)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise InputError(f"invalid rank {rank!r}; pass an integer >= 1 or leave it out for the adaptive rank")
     defaults = adapprox_group_defaults(tol=tol, **settings)
@@ -248,16 +252,19 @@ def adamw_to_adapprox(
     state: dict[Any, dict[str, Any]] = {}
     matrices: list[MatrixConversion] = []
     steps: list[int] = []
-    for position, (group_number, pid) in enumerate(_flat_indices(state_dict["param_groups"])):
+    flat = _flat_indices(state_dict["param_groups"])
+    for position, (group_number, pid) in enumerate(flat):
         old = state_dict["state"].get(pid)
         if not old:
             continue  # never stepped: Adapprox creates its state lazily, as AdamW did
         name = (names or {}).get(pid, f"param_{pid}")
+        if progress is not None:
+            progress(position, len(flat), name)
         saved_shape = tuple(old["exp_avg_sq"].shape) if "exp_avg_sq" in old else None
         if shapes is not None and pid in shapes and saved_shape not in (None, tuple(shapes[pid])):
             raise InputError(
-                f"parameter {pid} ({name}): exp_avg_sq has shape {saved_shape} "
-                f"but the parameter is {tuple(shapes[pid])}"
+                f"parameter {pid} ({name}): exp_avg_sq has shape {format_shape(saved_shape)} "
+                f"but the parameter is {format_shape(shapes[pid])}"
             )
         group = groups[group_number]
         state[pid], matrix = _adapprox_param_state(
@@ -273,6 +280,8 @@ def adamw_to_adapprox(
         steps.append(int(state[pid]["step"]))
         if matrix is not None:
             matrices.append(matrix)
+    if progress is not None:
+        progress(len(flat), len(flat), "")
     dense = sum("exp_avg_sq" in s for s in state.values())
 
     first_moment = groups[0]["first_moment"] if groups else "gradient"
@@ -623,6 +632,7 @@ def convert_checkpoint(
     verify: bool = False,
     trust_checkpoint: bool = False,
     optimizer_index: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
     **settings: Any,
 ) -> ConversionReport:
     """Convert the optimizer state of a checkpoint and write it to ``output``.
@@ -633,9 +643,10 @@ def convert_checkpoint(
             "safetensors" (``state/{index}/{key}`` tensors plus metadata).
         force: replace an existing ``output``.
         verify: read the output back and check shapes, ranks and reconstruction errors.
-        tol, rank, beta1, **settings: see ``adamw_to_adapprox``.
+        tol, rank, beta1, progress, **settings: see ``adamw_to_adapprox``.
     """
     source, output = Path(source), Path(output)
+    check_tol(tol)  # before the checkpoint is read
     if output_format not in OUTPUT_FORMATS:
         raise InputError(
             f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
@@ -657,7 +668,14 @@ def convert_checkpoint(
     state_dict, names, shapes = optimizer_state_dict_of(checkpoint)
     if target == "adapprox":
         new_state, report = adamw_to_adapprox(
-            state_dict, tol=tol, rank=rank, beta1=beta1, names=names, shapes=shapes, **settings
+            state_dict,
+            tol=tol,
+            rank=rank,
+            beta1=beta1,
+            names=names,
+            shapes=shapes,
+            progress=progress,
+            **settings,
         )
     else:
         new_state, report = adapprox_to_adamw(state_dict, names=names, shapes=shapes)
@@ -750,7 +768,9 @@ def _verify_output(
             problems.append(f"{matrix.name} is missing")
             continue
         if tuple(param.shape) != tuple(matrix.shape):
-            problems.append(f"{matrix.name} has shape {tuple(param.shape)}, expected {tuple(matrix.shape)}")
+            problems.append(
+                f"{matrix.name} has shape {format_shape(param.shape)}, expected {format_shape(matrix.shape)}"
+            )
         if report.target_optimizer == "adapprox":
             q, u = param.state.get("exp_avg_sq_q"), param.state.get("exp_avg_sq_u")
             if q is None or u is None or q.shape[1] != matrix.rank:

@@ -6,6 +6,7 @@ teacher. Returns both loss curves and both optimizer-state sizes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +31,16 @@ def _mlp(width: int) -> nn.Module:
     )
 
 
-def run_demo(steps: int = 200, width: int = 192, seed: int = 0) -> list[DemoRun]:
-    """Train the same student with AdamW and Adapprox (same data, same init); return both runs."""
+def run_demo(
+    steps: int = 200,
+    width: int = 192,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[DemoRun]:
+    """Train the same student with AdamW and Adapprox (same data, same init); return both runs.
+
+    ``progress(done, total, name)`` is called after every step of both runs (total: 2 * steps).
+    """
     gen = torch.Generator().manual_seed(seed)
     teacher = _mlp(width)
     with torch.no_grad():
@@ -42,7 +51,7 @@ def run_demo(steps: int = 200, width: int = 192, seed: int = 0) -> list[DemoRun]
         targets = teacher(inputs)
 
     runs = []
-    for name in ("AdamW", "Adapprox"):
+    for run_index, name in enumerate(("AdamW", "Adapprox")):
         torch.manual_seed(seed + 1)
         student = _mlp(width)
         if name == "AdamW":
@@ -56,6 +65,8 @@ def run_demo(steps: int = 200, width: int = 192, seed: int = 0) -> list[DemoRun]
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if progress is not None:
+                progress(run_index * steps + len(losses), 2 * steps, name)
         state_bytes = optimizer_state_bytes(opt.state)
         ranks = opt.ranks() if isinstance(opt, Adapprox) else {}
         runs.append(DemoRun(name, sum(losses[-20:]) / 20, state_bytes, losses, ranks))

@@ -6,6 +6,7 @@ stdout stays machine-readable.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -94,3 +95,20 @@ def track(items: Sequence[Any], description: str, enabled: bool = True) -> Itera
         for item in items:
             yield item
             bar.advance(task)
+
+
+def show_progress(json_output: bool) -> bool:
+    """Progress bars only for a person watching: not with ``--json``, not when stderr is piped."""
+    return not json_output and stderr_console().is_terminal
+
+
+@contextlib.contextmanager
+def callback_progress(description: str, enabled: bool) -> Iterator[Any]:
+    """A bar on stderr driven by a library's ``progress(done, total, name)`` callback (yielded)."""
+    with progress(enabled) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{description} {name}".rstrip())
+
+        yield update

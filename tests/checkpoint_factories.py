@@ -662,9 +662,9 @@ def _partition_stage3(groups, by_name, world) -> list[dict[int, dict[str, torch.
 # --- 8. states adapprox refuses --------------------------------------------------------------------------
 
 
-def make_sgd(tmp: Path) -> Path:
+def make_sgd(tmp: Path, *, momentum: float = 0.9) -> Path:
     params = make_params(MLP_SPEC)
-    opt = torch.optim.SGD(list(params.values()), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(list(params.values()), lr=0.1, momentum=momentum)
     run_steps(opt, list(params.values()), steps=2)
     torch.save(opt.state_dict(), tmp / "sgd.pt")
     return tmp / "sgd.pt"

@@ -24,6 +24,7 @@ from adapprox_cli.errors import InputError, UnsupportedStateError
     ("make", "expected"),
     [
         (make_sgd, "SGD state (keys: momentum_buffer)"),
+        (lambda d: make_sgd(d, momentum=0), "SGD state without momentum (momentum 0"),
         (lambda d: make_adafactor(d, flavour="torch"), "torch.optim.Adafactor"),
         (lambda d: make_adafactor(d, flavour="hf"), "Hugging Face Adafactor"),
         (make_bnb_like, "bitsandbytes 8-bit"),

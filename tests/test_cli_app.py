@@ -120,3 +120,13 @@ def test_threads_is_accepted_before_or_after_the_command(where):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_demo_reports_progress_over_both_runs():
+    from adapprox_cli.demo import run_demo
+
+    calls = []
+    runs = run_demo(steps=3, width=16, progress=lambda *call: calls.append(call))
+    assert [r.optimizer for r in runs] == ["AdamW", "Adapprox"]
+    assert [c[:2] for c in calls] == [(i, 6) for i in range(1, 7)]
+    assert [c[2] for c in calls] == ["AdamW"] * 3 + ["Adapprox"] * 3

@@ -94,3 +94,12 @@ def test_bad_regex_exits_2(runner, tmp_path):
         runner.invoke(app, ["inspect", str(make_nanogpt(tmp_path).path), "--params", "("])
     )
     assert "regular expression" in message
+
+
+def test_inspect_says_sgd_without_momentum(runner, tmp_path):
+    """SGD with momentum 0 keeps no per-parameter state; it must not pass for an AdamW one."""
+    from checkpoint_factories import make_sgd
+
+    result = runner.invoke(app, ["inspect", str(make_sgd(tmp_path, momentum=0))])
+    assert result.exit_code == 2, result.output
+    assert "SGD state without momentum" in result.output and "adamw" not in result.output.split(";")[0]

@@ -329,3 +329,14 @@ def test_convert_other_formats(tmp_path, fmt):
     assert [p.shape for p in reloaded.params] == [tuple(s) for s in truth.shapes]
     for param in reloaded.params:
         assert all(t.dtype == torch.float32 for k, t in param.state.items() if k.startswith("exp_avg_sq"))
+
+
+def test_conversion_reports_progress_per_parameter():
+    model = _tiny_model()
+    opt = _adamw_state(model, steps=2)
+    calls = []
+    names = {i: f"p{i}" for i in range(6)}  # two Linear layers and a LayerNorm: 6 parameters
+    convert.adamw_to_adapprox(opt.state_dict(), names=names, progress=lambda *call: calls.append(call))
+    assert calls == [(i, 6, f"p{i}") for i in range(6)] + [(6, 6, "")]
+    with pytest.raises(InputError, match=r"--tol 2: must be in \[0, 1\)"):
+        convert.adamw_to_adapprox(opt.state_dict(), tol=2)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from adapprox_cli.errors import InputError
+from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.data import get_batch, write_nanogpt_dataset
 from adapprox_cli.train.loop import TrainConfig, compare_optimizers, plot_loss_curves, train
 from adapprox_cli.train.model import GPT, GPTConfig, nanogpt_learning_rate, nanogpt_param_groups
@@ -187,3 +189,62 @@ def test_clear_errors(checkpoint, tmp_path):
     torch.save({"state": {}, "param_groups": []}, weights_only)
     with pytest.raises(InputError, match="no model weights"):
         train(_config(weights_only, steps=1))
+
+
+def _ended_schedule_checkpoint(checkpoint: Path) -> Path:
+    """The checkpoint moved past its lr_decay_iters (40), like the bundled sample at iteration 300."""
+    container = torch.load(checkpoint, weights_only=True)
+    container["iter_num"] = 50
+    torch.save(container, checkpoint)
+    return checkpoint
+
+
+def test_lr_starts_a_fresh_schedule_when_the_checkpoints_has_ended(checkpoint, tmp_path, monkeypatch):
+    _ended_schedule_checkpoint(checkpoint)
+    used = []  # the lr each Adapprox.step actually ran with
+    original_step = Adapprox.step
+
+    def spying_step(self, closure=None):
+        used.append(self.param_groups[0]["lr"])
+        return original_step(self, closure)
+
+    monkeypatch.setattr(Adapprox, "step", spying_step)
+    stale = train(_config(checkpoint, steps=3, final_eval=False))
+    assert used == [2e-4] * 3  # min_lr: the ended schedule...
+    assert "ended at iteration 40" in stale.notes[0] and "--lr" in stale.notes[0]  # ...said aloud
+    # --lr: warmup over a tenth of the steps, cosine to lr/10 at the last one, from iter_num 50.
+    used.clear()
+    fresh = train(
+        _config(checkpoint, steps=20, learning_rate=1e-2, out_dir=tmp_path / "fresh", final_eval=False)
+    )
+    expected = [nanogpt_learning_rate(i, 1e-2, 2, 20, 1e-3) for i in range(20)]
+    assert used == pytest.approx(expected) and [h["lr"] for h in fresh.history] == used
+    assert (
+        used[0] < used[1] < used[2] == pytest.approx(1e-2) and used[-1] < 1.1e-3
+    )  # peak --lr, down to lr/10
+    assert "starts a fresh one" in fresh.notes[0]
+    saved = torch.load(tmp_path / "fresh" / "ckpt.pt", weights_only=True)
+    assert saved["config"]["lr_schedule_start"] == 50 and saved["config"]["lr_decay_iters"] == 70
+    # Its own checkpoint continues that schedule (ended: min_lr 1e-3), finding its data by itself.
+    used.clear()
+    train(_config(tmp_path / "fresh" / "ckpt.pt", steps=1, final_eval=False))
+    assert used == pytest.approx([1e-3])
+
+
+def test_schedule_still_running_keeps_its_shape_with_a_new_peak(checkpoint):
+    result = train(_config(checkpoint, steps=2, learning_rate=1e-2, final_eval=False))
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [nanogpt_learning_rate(i, 1e-2, 4, 40, 2e-4) for i in (3, 4)]
+    )
+    assert result.notes == []
+
+
+def test_comparison_checks_every_out_dir_before_training_and_resumes_each_run(checkpoint, tmp_path):
+    config = _config(checkpoint, steps=1, out_dir=tmp_path / "cmp", final_eval=False)
+    compare_optimizers(config, ["adamw"])
+    (tmp_path / "cmp" / "adapprox" / "ckpt.pt").unlink()  # only AdamW's run is left in --out
+    with pytest.raises(InputError, match=r"adamw.ckpt\.pt exists from an earlier run; pass --resume"):
+        compare_optimizers(config, ["adamw"])
+    assert not (tmp_path / "cmp" / "adapprox" / "ckpt.pt").exists()  # refused before Adapprox trained
+    resumed = compare_optimizers(replace(config, resume=True), ["adamw"])
+    assert resumed["adapprox"].start_iter == 3 and resumed["adamw"].start_iter == 4

@@ -36,6 +36,8 @@ _REFUSED_STATES: list[tuple[frozenset[str], str]] = [
     (frozenset({"square_avg"}), "an RMSprop/Adadelta state"),
     (frozenset({"sum"}), "an Adagrad state"),
 ]
+# Hyper-parameters of a torch.optim.SGD param group.
+_SGD_GROUP_KEYS = {"momentum", "dampening", "nesterov"}
 # Hyper-parameters only an Adapprox param group has (its state may hold no factored matrix yet).
 _ADAPPROX_GROUP_KEYS = {"oversample", "power_iters", "rank_interval"}
 _READS = "adapprox reads AdamW/Adam states (exp_avg_sq) and Adapprox states (exp_avg_sq_q/exp_avg_sq_u)"
@@ -156,8 +158,20 @@ def anonymous_name(index: int) -> str:
     return f"param_{index}"
 
 
-def refuse_unsupported_keys(state_keys: set[str], source: Path | str) -> None:
-    """Raise ``UnsupportedStateError`` when the state belongs to an optimizer adapprox does not read."""
+def refuse_unsupported_keys(
+    state_keys: set[str], source: Path | str, param_groups: list[dict] | None = None
+) -> None:
+    """Raise ``UnsupportedStateError`` when the state belongs to an optimizer adapprox does not read.
+
+    ``param_groups`` identify the one such optimizer whose state holds no tensors at all: SGD
+    without momentum (an AdamW that never stepped has no state either, but no such groups).
+    """
+    if not state_keys and param_groups and all(set(g) >= _SGD_GROUP_KEYS for g in param_groups):
+        momentum = ", ".join(sorted({str(_scalar(g.get("momentum"))) for g in param_groups}))
+        raise UnsupportedStateError(
+            f"{source} holds an SGD state without momentum (momentum {momentum}, no per-parameter "
+            f"state): there is no second moment to read; {_READS}"
+        )
     for keys, what in _REFUSED_STATES:
         found = sorted(keys & state_keys)
         if found:

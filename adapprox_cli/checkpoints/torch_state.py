@@ -114,7 +114,7 @@ def build_checkpoint(
     """
     entries = flat_entries(osd, path)
     state_keys = {k for e in entries for k in e.state}
-    refuse_unsupported_keys(state_keys, path)
+    refuse_unsupported_keys(state_keys, path, osd["param_groups"])
     evidence = [naming.evidence_of(e.state) for e in entries]
     group_sizes = [len(g["params"]) for g in osd["param_groups"]]
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from adapprox_cli import __version__
 from adapprox_cli.errors import AdapproxError
@@ -32,6 +33,42 @@ def _print_error(message: str) -> None:
     stderr_console().print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
 
 
+def _plain_params(params: list) -> list:
+    """Flags without a value placeholder (``--json``, not ``--json <bool>``), arguments in capitals.
+
+    Typer shows every option's type, so a flag reads as if it took a value (and ``--json true``
+    is then refused); a metavar of "" shows nothing. Arguments get the usual ``PATH`` metavar.
+    """
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    return params
+
+
+def _plain_usage(pieces: list[str]) -> list[str]:
+    # Typer brackets a required argument as {PATH}; the convention (and click's) is a bare PATH.
+    return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in pieces]
+
+
+class _Command(TyperCommand):
+    """Every command's help: flags shown as flags, the usage line as ``adapprox CMD [OPTIONS] PATH``."""
+
+    def get_params(self, ctx):
+        return _plain_params(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx):
+        return _plain_usage(super().collect_usage_pieces(ctx))
+
+
+class _App(typer.Typer):
+    """``app.command`` registers ``_Command`` unless a command asks for another class."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
 class _ErrorReportingGroup(TyperGroup):
     """Turns library errors into a one-line message and an exit code instead of a traceback."""
 
@@ -41,6 +78,9 @@ class _ErrorReportingGroup(TyperGroup):
         # Workflow order (inspect, analyse, convert, train) rather than alphabetical.
         known = [name for name in self._workflow_order if name in self.commands]
         return known + sorted(name for name in self.commands if name not in known)
+
+    def get_params(self, ctx):
+        return _plain_params(super().get_params(ctx))
 
     def invoke(self, ctx):
         try:
@@ -66,7 +106,7 @@ class _ErrorReportingGroup(TyperGroup):
             raise typer.Exit(1) from None
 
 
-app = typer.Typer(
+app = _App(
     name="adapprox",
     cls=_ErrorReportingGroup,
     help=(

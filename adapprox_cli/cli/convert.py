@@ -12,6 +12,7 @@ from adapprox_cli.cli.options import CheckpointPath, JsonOption, OptimizerIndexO
 from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
+from adapprox_cli.validation import check_at_least, check_beta
 
 
 @app.command("convert")
@@ -77,24 +78,32 @@ def convert_command(
         adapprox convert out/ckpt-adapprox.pt -o out/ckpt-adamw.pt --to adamw
     """
     from adapprox_cli.convert import convert_checkpoint
+    from adapprox_cli.render import callback_progress, show_progress
 
     if to is not None and to not in ("adapprox", "adamw"):
         raise InputError(f"--to {to!r}: choose adapprox or adamw")
+    for option, value in (("--rank", rank), ("--rank-max", rank_max)):
+        if value is not None:
+            check_at_least(value, 1, option)
+    if beta1 is not None:
+        check_beta(beta1)
     settings = {"rank_max": rank_max, "first_moment": first_moment, "seed": seed}
-    report = convert_checkpoint(
-        path,
-        output,
-        to=to,
-        output_format=output_format,
-        tol=tol,
-        rank=rank,
-        beta1=beta1,
-        force=force,
-        verify=verify,
-        trust_checkpoint=trust_checkpoint,
-        optimizer_index=optimizer_index,
-        **{k: v for k, v in settings.items() if v is not None},
-    )
+    with callback_progress("factoring", show_progress(json_output)) as update:
+        report = convert_checkpoint(
+            path,
+            output,
+            to=to,
+            output_format=output_format,
+            tol=tol,
+            rank=rank,
+            beta1=beta1,
+            force=force,
+            verify=verify,
+            trust_checkpoint=trust_checkpoint,
+            optimizer_index=optimizer_index,
+            progress=update,
+            **{k: v for k, v in settings.items() if v is not None},
+        )
     if json_output:
         from adapprox_cli.render import print_json
 

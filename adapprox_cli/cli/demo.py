@@ -12,7 +12,7 @@ from adapprox_cli.cli.options import JsonOption, SeedOption
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps for each optimizer.")] = 200,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps for each optimizer.")] = 200,
     seed: SeedOption = 0,
     json_output: JsonOption = False,
 ) -> None:
@@ -23,8 +23,12 @@ def demo(
     """
     from adapprox_cli import render
     from adapprox_cli.demo import demo_to_dict, run_demo
+    from adapprox_cli.validation import check_at_least
 
-    runs = run_demo(steps=steps, seed=seed)
+    check_at_least(steps, 1, "--steps")
+
+    with render.callback_progress("training", render.show_progress(json_output)) as update:
+        runs = run_demo(steps=steps, seed=seed, progress=update)
     if json_output:
         render.print_json(demo_to_dict(runs))
         return

@@ -10,11 +10,14 @@ import typer
 
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import JsonOption, PlotOption, TrustOption
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
+from adapprox_cli.validation import check_at_least
 
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     path: Annotated[
         Path,
         typer.Argument(
@@ -25,6 +28,12 @@ def train_command(
     steps: Annotated[
         int, typer.Option("--steps", help="Optimizer steps to run after the checkpoint's iter_num.")
     ] = 100,
+    until: Annotated[
+        int | None,
+        typer.Option(
+            "--until", help="Train until this iteration instead of for --steps.", show_default=False
+        ),
+    ] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adapprox, adamw or adafactor.")] = "adapprox",
     model: Annotated[
         str | None,
@@ -44,41 +53,82 @@ def train_command(
         Path | None,
         typer.Option(
             "--out",
-            help="Directory for ckpt.pt and the plots (default: adapprox-runs/<checkpoint>-<optimizer>/ "
-            "in the current directory; the input checkpoint's folder is left alone).",
+            help="Directory for ckpt.pt and the plots; one run per directory (see --resume, --force). "
+            "The input checkpoint's folder is left alone.",
+            show_default="adapprox-runs/FOLDER-CHECKPOINT-OPTIMIZER/, e.g. adapprox-runs/nanogpt-ckpt-adapprox/",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="--out holds an earlier run: continue from its ckpt.pt instead of PATH."
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="--out holds an earlier run: replace it and its metrics.")
+    ] = False,
     device: Annotated[
         str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
     ] = "auto",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per micro-batch.")] = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Tokens per sequence.")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Sequences per micro-batch.", show_default="the checkpoint's, else 12"
+        ),
+    ] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option("--block-size", help="Tokens per sequence.", show_default="the checkpoint's"),
+    ] = None,
     grad_accum: Annotated[
         int, typer.Option("--grad-accum", help="Micro-batches per step (per process).")
     ] = 1,
     lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak learning rate (default: the checkpoint's).")
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Peak learning rate. A schedule still running continues with this peak; one that has "
+            "ended (iter_num >= lr_decay_iters) would keep every step at min_lr, so --lr then starts a "
+            "fresh warmup + cosine over this run (to --min-lr, default lr/10, at the last step).",
+            show_default="the checkpoint's",
+        ),
     ] = None,
     min_lr: Annotated[
-        float | None, typer.Option("--min-lr", help="Final learning rate of the cosine.")
+        float | None,
+        typer.Option("--min-lr", help="Final learning rate of the cosine.", show_default="the checkpoint's"),
     ] = None,
     warmup_iters: Annotated[
-        int | None, typer.Option("--warmup-iters", help="Linear warmup iterations.")
+        int | None,
+        typer.Option(
+            "--warmup-iters",
+            help="Linear warmup iterations.",
+            show_default="the checkpoint's; a tenth of the steps for a fresh schedule",
+        ),
     ] = None,
     lr_decay_iters: Annotated[
-        int | None, typer.Option("--lr-decay-iters", help="Iteration where the cosine reaches --min-lr.")
+        int | None,
+        typer.Option(
+            "--lr-decay-iters",
+            help="Iteration where the cosine reaches --min-lr.",
+            show_default="the checkpoint's",
+        ),
     ] = None,
     decay_lr: Annotated[
         bool | None,
-        typer.Option("--decay-lr/--no-decay-lr", help="Warmup + cosine schedule, or a constant --lr."),
+        typer.Option(
+            "--decay-lr/--no-decay-lr",
+            help="Warmup + cosine schedule, or a constant --lr.",
+            show_default="the checkpoint's",
+        ),
     ] = None,
     eval_interval: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--eval-interval",
             help="Evaluate before the first step and every this many steps (0: only at the end).",
+            show_default="a quarter of the steps (5 evaluations)",
         ),
-    ] = 0,
+    ] = None,
     eval_iters: Annotated[int, typer.Option("--eval-iters", help="Batches per evaluation.")] = 20,
     save_interval: Annotated[
         int, typer.Option("--save-interval", help="Write a checkpoint every this many steps (0: at the end).")
@@ -87,23 +137,46 @@ def train_command(
     tol: Annotated[
         float | None,
         typer.Option(
-            "--tol", help="Adapprox: largest relative distance of the stored second moment to Adam's."
+            "--tol",
+            help="Adapprox: largest relative distance of the stored second moment to Adam's.",
+            show_default=f"the state's, else {DEFAULT_TOL}",
         ),
     ] = None,
-    beta1: Annotated[float | None, typer.Option("--beta1", help="First-moment decay; 0 stores none.")] = None,
+    beta1: Annotated[
+        float | None,
+        typer.Option("--beta1", help="First-moment decay; 0 stores none.", show_default="the state's"),
+    ] = None,
     first_moment: Annotated[
-        str | None, typer.Option("--first-moment", help="Adapprox: gradient (Adam's form) or update.")
+        str | None,
+        typer.Option(
+            "--first-moment",
+            help="Adapprox: gradient (Adam's form) or update.",
+            show_default="the state's, else gradient",
+        ),
     ] = None,
     rank_max: Annotated[
-        int | None, typer.Option("--rank-max", help="Adapprox: largest rank per matrix.")
+        int | None,
+        typer.Option(
+            "--rank-max",
+            help="Adapprox: largest rank per matrix.",
+            show_default="the state's, else min(m, n) // 4",
+        ),
     ] = None,
     metrics: Annotated[
         Path | None,
-        typer.Option("--metrics", help="Append per-step and eval metrics to this JSON-lines file."),
+        typer.Option(
+            "--metrics",
+            help="Write per-step and eval metrics to this JSON-lines file (with --compare one per "
+            "optimizer: M-adapprox.jsonl, M-adamw.jsonl).",
+        ),
     ] = None,
     plot: PlotOption = None,
     compare: Annotated[
-        str | None, typer.Option("--compare", help="Also run adamw or adafactor from the same checkpoint.")
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Also run adamw or adafactor from the same checkpoint (writes --out/NAME/ and --out/loss.png).",
+        ),
     ] = None,
     json_output: JsonOption = False,
     trust_checkpoint: TrustOption = False,
@@ -111,9 +184,10 @@ def train_command(
     """Resume training from a checkpoint; an AdamW state is converted to Adapprox on the fly.
 
     The learning-rate schedule (warmup + cosine) continues from the checkpoint's iter_num and
-    config. Ctrl-C saves a checkpoint at the next step boundary and exits; run the command on
-    the saved ckpt.pt to continue exactly where it stopped. Under torchrun every process trains
-    a replica (DDP) and only rank 0 writes.
+    config (see --lr for an ended one). Ctrl-C saves a checkpoint at the next step boundary and
+    exits; run the same command with --resume (or train the saved ckpt.pt: it records its data)
+    to continue exactly where it stopped. Under torchrun every process trains a replica (DDP)
+    and only rank 0 writes.
 
     Examples:
 
@@ -129,8 +203,11 @@ def train_command(
         raise InputError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if compare is not None and compare not in ("adamw", "adafactor", "adapprox"):
         raise InputError(f"--compare {compare!r}: choose adamw or adafactor")
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    # By name: Typer may vendor click, whose ParameterSource enum then lives elsewhere.
+    steps_given = getattr(ctx.get_parameter_source("steps"), "name", None) == "COMMANDLINE"
+    if steps_given and until is not None:
+        raise InputError("--steps and --until both say how long to train: pass one of them")
+    check_at_least(steps, 1, "--steps")
     if plot is not None:
         from adapprox_cli.plots import check_plot_path
 
@@ -141,6 +218,7 @@ def train_command(
     config = TrainConfig(
         checkpoint=path,
         steps=steps,
+        until=until,
         optimizer=optimizer,
         model=model,
         data_dir=data,
@@ -164,6 +242,8 @@ def train_command(
         metrics_path=metrics,
         optimizer_options={k: v for k, v in options.items() if v is not None},
         trust_checkpoint=trust_checkpoint,
+        resume=resume,
+        force=force,
     )
     master = os.environ.get("RANK", "0") == "0"
     with _Progress(enabled=master and not json_output) as progress:
@@ -177,13 +257,20 @@ def train_command(
         plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
     if plot is not None:
         plot_loss_curves(results, plot)
+    verdict = comparison_verdict(results) if compare else None
     if json_output:
         from adapprox_cli.render import print_json
 
-        data_out = {name: _summary(result) for name, result in results.items()}
-        print_json(data_out if compare else data_out[optimizer])
+        # One shape with or without --compare: a list of runs, the first the --optimizer one.
+        print_json(
+            {
+                "runs": [_summary(result) for result in results.values()],
+                "verdict": verdict,
+                "plot": str(plot) if plot is not None else None,
+            }
+        )
         return
-    _render(results, plot)
+    _render(results, plot, verdict)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -225,6 +312,10 @@ class _Progress:
 
         event = record.get("event")
         if event == "start":
+            from adapprox_cli.render import warn
+
+            for note in record.get("notes", []):
+                warn(f"{name}: {note}")
             self.tasks[name] = self.bar.add_task(
                 name, total=record["steps"], loss="-", tps="-", mem=human_bytes(record["state_bytes"])
             )
@@ -233,7 +324,7 @@ class _Progress:
                 self.tasks[name],
                 completed=record["step"],
                 loss=f"{record['loss']:.4f}",
-                tps=f"{record['tokens_per_s']:,.0f}",
+                tps=f"{record['tokens_per_s']:,.0f}",  # running value: ends on the summary's tok/s
                 mem=human_bytes(record["state_bytes"]),
             )
         elif event == "eval":
@@ -244,7 +335,7 @@ class _Progress:
             self.bar.console.print(f"{name} iter {record['iter']}: saved {record['path']}")
 
 
-def _render(results: dict[str, Any], plot: Path | None) -> None:
+def _render(results: dict[str, Any], plot: Path | None, verdict: str | None) -> None:
     from adapprox_cli.render import human_bytes, stdout_console, table, warn
 
     console = stdout_console()
@@ -269,6 +360,7 @@ def _render(results: dict[str, Any], plot: Path | None) -> None:
             "Training", ["optimizer", "iterations", "train loss", "val loss", "state", "step", "tok/s"], rows
         )
     )
+    console.print("tok/s: training tokens per wall second of the optimizer steps, evaluation excluded")
     for name, r in results.items():
         if r.conversion is not None:
             c = r.conversion
@@ -289,8 +381,47 @@ def _render(results: dict[str, Any], plot: Path | None) -> None:
             warn(f"{name}: interrupted at iteration {r.end_iter}")
         for path in r.checkpoints[-1:]:
             console.print(f"{name}: checkpoint [bold]{path}[/]")
+        if r.metrics_path is not None:
+            console.print(f"{name}: metrics [bold]{r.metrics_path}[/]")
     if plot is not None:
         console.print(f"loss curves: [bold]{plot}[/]")
+    if verdict is not None:
+        console.print(verdict)
+
+
+def comparison_verdict(results: dict[str, Any]) -> str | None:
+    """One line: did the first optimizer hold the second's loss, and with how much of its state?
+
+    Compares the final validation losses (train losses when a run has no evaluation); "held"
+    means at most 1% above.
+    """
+    if len(results) < 2:
+        return None
+    (name, first), (other_name, other) = list(results.items())[:2]
+    use_val = first.final_val_loss is not None and other.final_val_loss is not None
+    loss, baseline = (
+        (first.final_val_loss, other.final_val_loss)
+        if use_val
+        else (first.final_train_loss, other.final_train_loss)
+    )
+    if loss is None or not baseline:
+        return None
+    change = 100 * (loss - baseline) / baseline
+    share = f"{100 * first.state_bytes / other.state_bytes:.0f}%" if other.state_bytes else "-"
+    which = "validation" if use_val else "training"
+    label, other_label = _display_name(name), _display_name(other_name)
+    if change <= 1.0:
+        return (
+            f"{label} held {other_label}'s {which} loss ({change:+.1f}%) with {share} of its optimizer state"
+        )
+    return (
+        f"{label} did not hold {other_label}'s {which} loss ({change:+.1f}%, more than 1% above) "
+        f"with {share} of its optimizer state"
+    )
+
+
+def _display_name(name: str) -> str:
+    return {"adapprox": "Adapprox", "adamw": "AdamW", "adafactor": "Adafactor"}.get(name, name)
 
 
 def _loss(value: float | None) -> str:

@@ -48,6 +48,7 @@ from adapprox_cli.convert import (
 )
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import format_shape
 from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.data import encode_text_file, get_batch, read_nanogpt_dataset, read_vocab
 from adapprox_cli.train.model import (
@@ -56,6 +57,7 @@ from adapprox_cli.train.model import (
     nanogpt_learning_rate,
     nanogpt_param_groups,
 )
+from adapprox_cli.validation import check_at_least, check_beta, check_learning_rate, check_tol
 
 __all__ = [
     "OPTIMIZERS",
@@ -64,6 +66,7 @@ __all__ = [
     "compare_optimizers",
     "learning_rate_at",
     "plot_loss_curves",
+    "prepare_run",
     "train",
 ]
 
@@ -80,6 +83,7 @@ class TrainConfig:
 
     checkpoint: Path
     steps: int = 100
+    until: int | None = None  # train until this iteration instead (steps = until - iter_num)
     optimizer: str = "adapprox"  # adapprox | adamw | adafactor
     model: str | None = None  # "package.module:factory"; None: the bundled GPT from model_args
     data_dir: Path | None = None  # train.bin/val.bin(/meta.pkl); None: beside the checkpoint
@@ -97,7 +101,8 @@ class TrainConfig:
     lr_scale: float = 1.0  # multiplies the schedule (Adafactor's lr is relative to the weights' RMS)
     grad_clip: float | None = None  # 0 disables clipping
     weight_decay: float | None = None
-    eval_interval: int = 0  # evaluate every this many steps and before the first (0: only at the end)
+    # evaluate every this many steps and before the first (0: only at the end; None: a quarter of the steps)
+    eval_interval: int | None = 0
     eval_iters: int = 20
     save_interval: int = 0  # write a checkpoint every this many steps (0: only at the end)
     save_final: bool = True
@@ -106,6 +111,10 @@ class TrainConfig:
     metrics_path: Path | None = None  # JSON lines, appended
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. tol, beta1, first_moment
     trust_checkpoint: bool = False
+    # An out_dir that already holds a run's ckpt.pt: refused, unless resume (continue from that
+    # checkpoint instead of ``checkpoint``) or force (replace the run and its metrics file).
+    resume: bool = False
+    force: bool = False
     handle_signals: bool = True  # Ctrl-C saves at the next step boundary and stops
 
 
@@ -117,7 +126,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # one record per optimizer step
     evals: list[dict[str, Any]]  # {"iter", "train", "val"}
     state_bytes: int
-    step_time: float  # mean seconds per optimizer step (the first, warm-up step excluded)
+    step_time: float  # mean wall seconds per optimizer step, evaluation and saving excluded
     tokens_per_step: int
     world_size: int = 1
     ranks: dict[str, int] | None = None
@@ -126,6 +135,8 @@ class TrainResult:
     conversion: ConversionReport | None = None
     source_optimizer: str | None = None
     device: str = "cpu"
+    metrics_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. an ended schedule)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained model
 
     @property
@@ -140,6 +151,11 @@ class TrainResult:
 
     @property
     def tokens_per_second(self) -> float:
+        """Training tokens per wall second of the optimizer steps (evaluation and saving excluded).
+
+        The same measure as each step record's ``tokens_per_s`` (a running value), so the
+        progress bar ends on the summary's number.
+        """
         return self.tokens_per_step / self.step_time if self.step_time > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,7 +278,7 @@ def _build_model(config: TrainConfig, container: dict[str, Any], source: str) ->
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        f"{k} {format_shape(state[k].shape)} vs {format_shape(expected[k].shape)}"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
@@ -319,8 +335,8 @@ def _param_groups(
         shape = _state_shape(entry)
         if shape is not None and shape != tuple(param.shape) and math.prod(shape) != param.numel():
             raise InputError(
-                f"optimizer state {pid} has shape {shape} but the model parameter in that place is "
-                f"{tuple(param.shape)}; the model does not match the optimizer state"
+                f"optimizer state {pid} has shape {format_shape(shape)} but the model parameter in that place is "
+                f"{format_shape(param.shape)}; the model does not match the optimizer state"
             )
     return groups
 
@@ -389,25 +405,49 @@ def _build_optimizer(
 class _Schedule:
     learning_rate: float
     min_lr: float
-    warmup_iters: int
-    lr_decay_iters: int
+    warmup_iters: int  # counted from ``start``
+    lr_decay_iters: int  # the iteration where the cosine reaches min_lr
     decay_lr: bool
     scale: float = 1.0
+    start: int = 0  # the iteration the warmup starts from: 0 for nanoGPT's, iter_num for a fresh one
 
     def at(self, iteration: int) -> float:
         return learning_rate_at(iteration, self) * self.scale
 
 
 def learning_rate_at(iteration: int, schedule: Any) -> float:
-    """nanoGPT's schedule (linear warmup, cosine decay to min_lr), or a constant rate."""
+    """nanoGPT's schedule (linear warmup, cosine decay to min_lr), or a constant rate.
+
+    A schedule with a ``start`` runs the same curve shifted to begin at that iteration.
+    """
     if not schedule.decay_lr:
         return schedule.learning_rate
+    start = getattr(schedule, "start", 0)
     return nanogpt_learning_rate(
-        iteration, schedule.learning_rate, schedule.warmup_iters, schedule.lr_decay_iters, schedule.min_lr
+        iteration - start,
+        schedule.learning_rate,
+        schedule.warmup_iters,
+        schedule.lr_decay_iters - start,
+        schedule.min_lr,
     )
 
 
-def _schedule(config: TrainConfig, ckpt_config: dict[str, Any], saved: dict[str, Any] | None) -> _Schedule:
+def _schedule(
+    config: TrainConfig,
+    ckpt_config: dict[str, Any],
+    saved: dict[str, Any] | None,
+    start_iter: int,
+    steps: int,
+) -> tuple[_Schedule, str | None]:
+    """The learning-rate schedule of this run, and a note when the user should hear about it.
+
+    The checkpoint's schedule continues (``--lr`` replaces its peak), except when it has ended
+    (iter_num >= lr_decay_iters): every step would then sit at min_lr and ``--lr`` would change
+    nothing. So ``--lr`` on an ended schedule starts a fresh one over this run: linear warmup of
+    ``--warmup-iters`` (default a tenth of the steps), cosine to ``--min-lr`` (default lr/10) at
+    the run's last step. Without ``--lr`` the ended schedule stays at min_lr, and the note says so.
+    """
+
     def pick(value: Any, key: str, default: Any) -> Any:
         return value if value is not None else ckpt_config.get(key, default)
 
@@ -423,20 +463,67 @@ def _schedule(config: TrainConfig, ckpt_config: dict[str, Any], saved: dict[str,
         raise InputError(
             "the checkpoint's config has no lr_decay_iters; pass --lr-decay-iters N, or --no-decay-lr for a constant rate"
         )
-    return _Schedule(
+    ended = decay_lr and config.lr_decay_iters is None and start_iter >= int(lr_decay_iters)
+    if ended and config.learning_rate is not None:
+        warmup = config.warmup_iters if config.warmup_iters is not None else steps // 10
+        schedule = _Schedule(
+            learning_rate=learning_rate,
+            min_lr=float(config.min_lr if config.min_lr is not None else learning_rate / 10),
+            warmup_iters=int(warmup),
+            lr_decay_iters=start_iter + steps,
+            decay_lr=True,
+            scale=config.lr_scale,
+            start=start_iter,
+        )
+        note = (
+            f"the checkpoint's schedule ended at iteration {int(lr_decay_iters)}; --lr {learning_rate:g} "
+            f"starts a fresh one: {schedule.warmup_iters} warmup steps, cosine to {schedule.min_lr:g} "
+            f"at iteration {schedule.lr_decay_iters}"
+        )
+        return schedule, note
+    schedule = _Schedule(
         learning_rate=learning_rate,
         min_lr=float(pick(config.min_lr, "min_lr", learning_rate / 10)),
         warmup_iters=int(pick(config.warmup_iters, "warmup_iters", 0)),
         lr_decay_iters=int(lr_decay_iters or 0),
         decay_lr=decay_lr,
         scale=config.lr_scale,
+        start=int(ckpt_config.get("lr_schedule_start", 0)) if config.lr_decay_iters is None else 0,
     )
+    note = None
+    if ended:
+        note = (
+            f"the checkpoint's schedule ended at iteration {int(lr_decay_iters)}: every step uses its "
+            f"min_lr {schedule.min_lr:g}; pass --lr to start a fresh warmup + cosine over this run"
+        )
+    return schedule, note
 
 
-def _load_data(config: TrainConfig, checkpoint_path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _data_source(
+    config: TrainConfig, checkpoint_path: Path, ckpt_config: dict[str, Any]
+) -> tuple[Path, Path | None]:
+    """Where the tokens come from: --data/--text, else beside the checkpoint, else the recorded source.
+
+    Checkpoints written by ``train`` record their data directory (and --text file), so the saved
+    ckpt.pt of a run resumes with the command alone, wherever it was written.
+    """
+    if config.data_dir is not None or config.text is not None:
+        data_dir = Path(config.data_dir) if config.data_dir is not None else checkpoint_path.parent
+        return data_dir, Path(config.text) if config.text is not None else None
+    beside = checkpoint_path.parent
+    recorded = ckpt_config.get("data_dir")
+    if not (beside / "train.bin").is_file() and isinstance(recorded, str):
+        recorded_text = ckpt_config.get("text")
+        if isinstance(recorded_text, str) and Path(recorded_text).is_file():
+            return Path(recorded), Path(recorded_text)
+        if (Path(recorded) / "train.bin").is_file():
+            return Path(recorded), None
+    return beside, None
+
+
+def _load_data(data_dir: Path, text: Path | None) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Training and validation tokens, and the vocabulary size when known."""
-    data_dir = Path(config.data_dir) if config.data_dir is not None else checkpoint_path.parent
-    if config.text is not None:
+    if text is not None:
         meta = data_dir / "meta.pkl"
         if not meta.is_file():
             raise InputError(
@@ -444,7 +531,7 @@ def _load_data(config: TrainConfig, checkpoint_path: Path) -> tuple[np.ndarray, 
                 "pass --data DIR with the meta.pkl the checkpoint was trained with"
             )
         vocab = read_vocab(meta)
-        ids = encode_text_file(config.text, vocab)
+        ids = encode_text_file(text, vocab)
         split = int(len(ids) * 0.9)
         return ids[:split], ids[split:], vocab.vocab_size
     if not (data_dir / "train.bin").is_file():
@@ -499,13 +586,67 @@ def _stop_on_sigint(enabled: bool) -> Iterator[dict[str, bool]]:
 # --------------------------------------------------------------------------- the loop
 
 
+def _validate(config: TrainConfig) -> None:
+    """Refuse impossible settings before anything is read, with the option's CLI name."""
+    check_at_least(config.steps, 0, "--steps")
+    if config.until is not None:
+        check_at_least(config.until, 1, "--until")
+    check_at_least(config.grad_accum, 1, "--grad-accum")
+    check_at_least(config.eval_iters, 1, "--eval-iters")
+    for name in ("batch_size", "block_size"):
+        if getattr(config, name) is not None:
+            check_at_least(getattr(config, name), 1, f"--{name.replace('_', '-')}")
+    if config.eval_interval is not None:
+        check_at_least(config.eval_interval, 0, "--eval-interval", "only at the end")
+    check_at_least(config.save_interval, 0, "--save-interval", "only at the end")
+    for name in ("warmup_iters", "lr_decay_iters"):
+        if getattr(config, name) is not None:
+            check_at_least(getattr(config, name), 0, f"--{name.replace('_', '-')}")
+    if config.learning_rate is not None:
+        check_learning_rate(config.learning_rate, "--lr")
+    if config.min_lr is not None:
+        check_learning_rate(config.min_lr, "--min-lr")
+    options = config.optimizer_options
+    if options.get("tol") is not None:
+        check_tol(options["tol"])
+    if options.get("rank_max") is not None:
+        check_at_least(options["rank_max"], 1, "--rank-max")
+    if options.get("beta1") is not None:
+        check_beta(options["beta1"])
+    if config.resume and config.force:
+        raise InputError("--resume continues the run in --out, --force replaces it: pass one of them")
+
+
+def prepare_run(config: TrainConfig) -> TrainConfig:
+    """The run ``config`` describes, checked against what its ``out_dir`` already holds.
+
+    An out_dir with a ckpt.pt from an earlier run is refused (two runs would overwrite each
+    other's checkpoint and mix their metrics), unless ``resume`` (continue from that ckpt.pt:
+    the returned config reads it) or ``force`` (replace it). Resuming the ckpt.pt of out_dir
+    itself is a continuation too.
+    """
+    if config.out_dir is None:
+        return config
+    own = Path(config.out_dir) / CHECKPOINT_NAME
+    source = Path(config.checkpoint)
+    source = source / CHECKPOINT_NAME if source.is_dir() else source
+    continuing = own.exists() and source.exists() and own.resolve() == source.resolve()
+    if config.resume and own.is_file():
+        return replace(config, checkpoint=own)
+    if own.exists() and not (continuing or config.force or config.resume):
+        raise InputError(
+            f"{own} exists from an earlier run; pass --resume to continue it, --force to replace it, "
+            "or another --out"
+        )
+    return config
+
+
 def train(config: TrainConfig, callback: Callback | None = None) -> TrainResult:
     """Resume training from ``config.checkpoint`` for ``config.steps`` optimizer steps."""
     if config.optimizer not in OPTIMIZERS:
         raise InputError(f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    for name in ("steps", "grad_accum", "eval_iters"):
-        if getattr(config, name) < (0 if name == "steps" else 1):
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    _validate(config)
+    config = prepare_run(config)
     dist_info = _setup_distributed("cuda" if config.device.startswith("cuda") else config.device)
     try:
         return _train(config, callback, dist_info)
@@ -526,6 +667,14 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     ckpt_config = dict(container.get("config") or {})
     saved_optimizer = container.get("optimizer")
     start_iter = int(container.get("iter_num", 0) or 0)
+    steps = config.steps
+    if config.until is not None:
+        if config.until <= start_iter:
+            raise InputError(
+                f"--until {config.until}: {source} is already at iteration {start_iter}; pass a larger N"
+            )
+        steps = config.until - start_iter
+    eval_interval = config.eval_interval if config.eval_interval is not None else max(1, -(-steps // 4))
 
     model = _build_model(config, container, source)
     block_size = (
@@ -539,7 +688,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     if model_block is not None and block_size > model_block:
         raise InputError(f"--block-size {block_size} exceeds the model's block size {model_block}")
     batch_size = config.batch_size or int(ckpt_config.get("batch_size", _DEFAULT_BATCH_SIZE))
-    train_data, val_data, vocab_size = _load_data(config, checkpoint_path)
+    data_dir, text = _data_source(config, checkpoint_path, ckpt_config)
+    train_data, val_data, vocab_size = _load_data(data_dir, text)
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size is not None and model_vocab is not None and vocab_size > model_vocab:
         raise InputError(
@@ -557,7 +707,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     optimizer, conversion, source_kind = _build_optimizer(
         config.optimizer, groups, saved_optimizer, dict(config.optimizer_options), flat_names
     )
-    schedule = _schedule(config, ckpt_config, saved_optimizer)
+    schedule, schedule_note = _schedule(config, ckpt_config, saved_optimizer, start_iter, steps)
+    notes = [schedule_note] if schedule_note else []
     grad_clip = (
         config.grad_clip
         if config.grad_clip is not None
@@ -592,8 +743,18 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     metrics = None
     if config.metrics_path is not None and dist_info.master:
-        Path(config.metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        metrics = open(config.metrics_path, "a")  # noqa: SIM115 - closed in the finally below
+        metrics_path = Path(config.metrics_path)
+        # One run per file: a continued run (--resume) appends, a fresh one starts the file anew.
+        continuing = (
+            out_dir is not None and checkpoint_path.resolve() == (out_dir / CHECKPOINT_NAME).resolve()
+        )
+        if metrics_path.is_file() and metrics_path.stat().st_size and not (continuing or config.force):
+            raise InputError(
+                f"{metrics_path} already holds the metrics of another run; pass another --metrics, "
+                "--resume to continue that run, or --force to replace it"
+            )
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics = open(metrics_path, "a" if continuing else "w")  # noqa: SIM115 - closed in the finally below
 
     def emit(record: dict[str, Any]) -> None:
         if not dist_info.master:
@@ -637,12 +798,15 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "warmup_iters": schedule.warmup_iters,
             "lr_decay_iters": schedule.lr_decay_iters,
             "decay_lr": schedule.decay_lr,
+            "lr_schedule_start": schedule.start,
+            "data_dir": str(data_dir.resolve()),
+            "text": str(text.resolve()) if text is not None else None,
             "batch_size": batch_size,
             "block_size": block_size,
             "gradient_accumulation_steps": config.grad_accum * dist_info.world_size,
             "grad_clip": grad_clip,
             "weight_decay": weight_decay,
-            "max_iters": start_iter + config.steps,
+            "max_iters": start_iter + steps,
             "seed": config.seed,
             "optimizer": config.optimizer,
         }
@@ -683,19 +847,21 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             "optimizer": config.optimizer,
             "source_optimizer": source_kind,
             "iter": start_iter,
-            "steps": config.steps,
+            "steps": steps,
             "device": device,
+            "notes": notes,
             "world_size": dist_info.world_size,
             "tokens_per_step": tokens_per_step,
             "state_bytes": optimizer_state_bytes(optimizer.state),
         }
     )
     iter_num = start_iter
-    end_iter = start_iter + config.steps
+    end_iter = start_iter + steps
+    step_seconds = 0.0
     interrupted = False
     try:
         with _stop_on_sigint(config.handle_signals) as stop:
-            if config.eval_interval > 0:
+            if eval_interval > 0:
                 evaluate(iter_num)
             while iter_num < end_iter:
                 lr = schedule.at(iter_num)
@@ -721,21 +887,23 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                 # One collective per step: the mean loss over ranks and whether any rank was interrupted.
                 loss_value, stop_requested = _all_reduce_step(loss_sum, stop["stop"], dist_info)
                 dt = time.perf_counter() - t0
+                step_seconds += dt
+                done = iter_num - start_iter
                 record = {
                     "event": "step",
                     "iter": iter_num,
-                    "step": iter_num - start_iter,
-                    "steps": config.steps,
+                    "step": done,
+                    "steps": steps,
                     "loss": loss_value,
                     "lr": lr,
                     "dt": dt,
-                    "tokens_per_s": tokens_per_step / dt if dt > 0 else 0.0,
+                    # training tokens per wall second of the steps so far (eval and saving excluded)
+                    "tokens_per_s": tokens_per_step * done / step_seconds if step_seconds > 0 else 0.0,
                     "state_bytes": optimizer_state_bytes(optimizer.state),
                 }
                 history.append(record)
                 emit(record)
-                done = iter_num - start_iter
-                if config.eval_interval > 0 and done % config.eval_interval == 0 and iter_num < end_iter:
+                if eval_interval > 0 and done % eval_interval == 0 and iter_num < end_iter:
                     evaluate(iter_num)
                 if stop_requested:
                     interrupted = True
@@ -749,7 +917,6 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
                 if config.save_final:
                     save(iter_num)
 
-        times = [h["dt"] for h in history[1:]] or [h["dt"] for h in history]
         ranks = None
         if isinstance(optimizer, Adapprox):
             ranks = {flat_names[i]: k for i, k in optimizer.ranks().items()}
@@ -760,7 +927,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             history=history,
             evals=evals,
             state_bytes=optimizer_state_bytes(optimizer.state),
-            step_time=float(np.mean(times)) if times else 0.0,
+            step_time=step_seconds / len(history) if history else 0.0,
             tokens_per_step=tokens_per_step,
             world_size=dist_info.world_size,
             ranks=ranks,
@@ -769,6 +936,8 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             conversion=conversion,
             source_optimizer=source_kind,
             device=device,
+            metrics_path=str(config.metrics_path) if config.metrics_path is not None else None,
+            notes=notes,
             model=raw_model,
         )
         emit(
@@ -827,17 +996,25 @@ def compare_optimizers(
 ) -> dict[str, TrainResult]:
     """Run ``config.optimizer`` and each of ``others`` from the same checkpoint, with the same data."""
     results: dict[str, TrainResult] = {}
-    for name in [config.optimizer, *[o for o in others if o != config.optimizer]]:
-        run = replace(
-            config,
-            optimizer=name,
-            out_dir=Path(config.out_dir) / name if config.out_dir is not None else None,
-            metrics_path=_suffixed(config.metrics_path, name) if config.metrics_path is not None else None,
-        )
+    runs = {
+        name: prepare_run(comparison_run(config, name))
+        for name in [config.optimizer, *[o for o in others if o != config.optimizer]]
+    }  # every run's out_dir checked before the first one trains
+    for name, run in runs.items():
         results[name] = train(run, (lambda record, _n=name: callback(_n, record)) if callback else None)
         if results[name].interrupted:
             break
     return results
+
+
+def comparison_run(config: TrainConfig, name: str) -> TrainConfig:
+    """The run of optimizer ``name`` in a comparison: ``out_dir/name/``, ``metrics-name.jsonl``."""
+    return replace(
+        config,
+        optimizer=name,
+        out_dir=Path(config.out_dir) / name if config.out_dir is not None else None,
+        metrics_path=_suffixed(config.metrics_path, name) if config.metrics_path is not None else None,
+    )
 
 
 def _suffixed(path: Path, name: str) -> Path:
@@ -856,28 +1033,44 @@ def plot_loss_curves(results: dict[str, TrainResult], path: str | Path, title: s
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, (name, result) in enumerate(results.items()):
-        color = f"C{i}"
+    # The first run (the --optimizer one) is drawn last, solid and on top, the baselines under
+    # it dashed: curves that nearly coincide must still show both.
+    styles = {0: ("-", 3.0)}
+    for i, (name, result) in reversed(list(enumerate(results.items()))):
+        color, (linestyle, zorder) = f"C{i}", styles.get(i, ("--", 2.0))
         iters = [h["iter"] for h in result.history]
         losses = np.array([h["loss"] for h in result.history], dtype=float)
         if len(losses):
-            ax.plot(iters, losses, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(iters, _ema(losses, 0.9), color=color, linewidth=1.5, label=f"{name} train (smoothed)")
-        if result.evals:
-            evals_x = [e["iter"] for e in result.evals]
+            ax.plot(iters, losses, color=color, alpha=0.2, linewidth=0.7, linestyle=linestyle, zorder=zorder)
             ax.plot(
-                evals_x,
+                iters,
+                _ema(losses, 0.9),
+                color=color,
+                linewidth=1.8 if i == 0 else 1.4,
+                linestyle=linestyle,
+                label=f"{name} train (smoothed)",
+                zorder=zorder + 0.1,
+            )
+        if result.evals:
+            ax.plot(
+                [e["iter"] for e in result.evals],
                 [e["val"] for e in result.evals],
                 color=color,
-                marker="o",
-                linestyle="--",
+                # a small filled dot over a larger hollow square: coinciding values show both
+                marker="o" if i == 0 else "s",
+                markersize=5 if i == 0 else 9,
+                markerfacecolor=color if i == 0 else "white",
+                linestyle=":",
                 label=f"{name} val",
+                zorder=zorder + 0.2,
             )
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title(title or "loss after resuming")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: list(results).index(labels[k].split(" ")[0]))
+    ax.legend([handles[k] for k in order], [labels[k] for k in order])
     fig.tight_layout()
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "png"

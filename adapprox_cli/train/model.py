@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from adapprox_cli.errors import InputError
+from adapprox_cli.formatting import format_shape
 
 # The keys and order of nanoGPT's train.py ``model_args`` dict, saved in every ckpt.pt.
 MODEL_ARGS_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -290,7 +291,7 @@ def gpt_from_checkpoint(checkpoint: Mapping[str, Any], source: str = "the checkp
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     mismatched = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        f"{key} {format_shape(state[key].shape)} vs {format_shape(expected[key].shape)}"
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
