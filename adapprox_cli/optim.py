@@ -140,7 +140,7 @@ class Adapprox(Optimizer):
         rank_max: k_max for every matrix, or ``None`` for min(m, n) // 4 per matrix.
         tol: with ``rank_rule="dense"``, the largest relative distance (Frobenius) of the
             stored moment max(Q U^T, 0) to the dense EMA Adam would hold; with ``"step"``, the
-            largest relative truncation error of one step. Default: ``DEFAULT_TOL`` (0.15).
+            largest relative truncation error of one step. Default: ``DEFAULT_TOL`` (0.05).
         rank_rule: ``"dense"`` (default) or ``"step"``, see above.
         rank_jump: let the first evaluation of a new sketch take any rank up to k_max.
         oversample: p >= 1, extra sketch columns (also the most a rank grows per evaluation;
