@@ -35,10 +35,12 @@ How the numbers are computed (and why):
 from __future__ import annotations
 
 import math
+import pickle
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,21 +66,31 @@ __all__ = [
     "MemoryRow",
     "Moment",
     "PeerOptimizer",
+    "RunReport",
     "SpectrumReport",
+    "StageResult",
+    "Trend",
+    "analyse_run",
     "as_moments",
     "common_name_prefix",
     "compare_methods",
+    "estimate_config",
     "estimate_memory",
     "estimate_preset",
+    "estimate_shapes",
     "exact_squared_singular_values",
     "gram_eigenvalues",
     "moments_from_checkpoint",
+    "ranks_from_sibling",
     "resolve_device",
     "resolve_dtype",
+    "run_trends",
     "select_moments",
     "simulate_adaptive_rank",
     "spectrum_report",
+    "stage_quantities",
     "tail_errors",
+    "training_totals",
 ]
 
 ProgressCallback = Callable[[int, int, str], None]  # (matrices done, matrices in all, current name)
@@ -727,9 +739,11 @@ class EstimateReport:
     matrices: list[MatrixRanks]
     memory: list[MemoryRow]
     settings: dict[str, Any]
+    # Planning from shapes: per row, weights + gradients + state at each of PRECISIONS.
+    totals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "parameters": self.parameters,
             "bytes_per_number": self.bytes_per_number,
@@ -738,6 +752,9 @@ class EstimateReport:
             "matrices": [m.to_dict() for m in self.matrices],
             "memory": [r.to_dict() for r in self.memory],
         }
+        if self.totals:
+            out["training_totals"] = self.totals
+        return out
 
 
 @dataclass(frozen=True)
@@ -775,6 +792,39 @@ PEER_OPTIMIZERS = (
     ),
     PeerOptimizer(
         "galore", "GaLore", lambda ns, g, h, d: (f"r={g}", memory.galore_state_numbers(_shapes(ns), g), 0)
+    ),
+    PeerOptimizer(
+        "coap", "COAP", lambda ns, g, h, d: (f"r={g}", memory.coap_state_numbers(_shapes(ns), g), 0)
+    ),
+    PeerOptimizer(
+        "adalomo", "AdaLomo", lambda ns, g, h, d: ("", memory.adalomo_state_numbers(_shapes(ns)), 0)
+    ),
+    PeerOptimizer("badam", "BAdam", lambda ns, g, h, d: ("active block", memory.badam_state_numbers(ns), 0)),
+    PeerOptimizer(
+        "microadam",
+        "MicroAdam",
+        lambda ns, g, h, d: (
+            f"m={memory.MICROADAM_WINDOW}, 1%",
+            0,
+            memory.microadam_state_bits(_shapes(ns)),
+        ),
+    ),
+    PeerOptimizer(
+        "torchao_adamw8bit",
+        "torchao AdamW8bit",
+        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=8)),
+    ),
+    PeerOptimizer(
+        "torchao_adamw4bit",
+        "torchao AdamW4bit",
+        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=4)),
+    ),
+    PeerOptimizer("lion", "Lion", lambda ns, g, h, d: ("", memory.lion_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("muon", "Muon", lambda ns, g, h, d: ("+AdamW", memory.muon_state_numbers(ns), 0)),
+    PeerOptimizer("fadam", "FAdam", lambda ns, g, h, d: ("", memory.adamw_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("soap", "SOAP", lambda ns, g, h, d: ("", memory.soap_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer(
+        "shampoo", "Shampoo", lambda ns, g, h, d: ("", memory.shampoo_state_numbers(_shapes(ns)), 0)
     ),
 )
 
@@ -1003,9 +1053,91 @@ def estimate_preset(
     """
     if preset not in memory.PRESETS:
         raise InputError(f"--shapes must be one of {', '.join(memory.PRESETS)}, got {preset!r}")
+    return estimate_shapes(
+        memory.preset_named_shapes(preset),
+        preset,
+        ranks,
+        galore_rank=galore_rank,
+        bytes_per_number=bytes_per_number,
+        num_heads=memory.PRESET_HEADS.get(preset),
+        adam_mini_default=adam_mini_default,
+    )
+
+
+def estimate_config(
+    config: dict[str, Any],
+    source: str,
+    ranks: Sequence[int | None] = (None, 1),
+    *,
+    galore_rank: int = 128,
+    adam_mini_default: str = "row",
+    sibling: EstimateReport | None = None,
+) -> EstimateReport:
+    """Memory of the model a Hugging Face config.json describes, at fixed Adapprox ranks, and
+    at the ranks ``sibling`` (``estimate_memory`` of a smaller model of the same family)
+    measured at each of its tolerances (``ranks_from_sibling``)."""
+    from adapprox_cli.model_shapes import config_named_shapes
+
+    named_shapes = config_named_shapes(config, source)
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    return estimate_shapes(
+        named_shapes,
+        source,
+        ranks,
+        galore_rank=galore_rank,
+        num_heads=heads if isinstance(heads, int) and heads > 0 else None,
+        adam_mini_default=adam_mini_default,
+        sibling=sibling,
+    )
+
+
+def _matrix_kind(name: str) -> str:
+    # "h.7.mlp.c_fc.weight" and "h.0.mlp.c_fc.weight" are one kind of matrix.
+    return re.sub(r"\d+", "#", name)
+
+
+def ranks_from_sibling(
+    named_shapes: list[tuple[str, tuple[int, ...]]], sibling: EstimateReport, tol: float
+) -> dict[int, int]:
+    """Ranks for a larger model's matrices from those measured on a smaller sibling at ``tol``.
+
+    Each kind of matrix (name with layer numbers ignored) takes the largest rank / k_max the
+    sibling needed for that kind, applied to its own k_max (rounded up, at least 1): a [decided]
+    assumption that the share of directions a tolerance needs carries over with width; it errs
+    towards more memory, since absolute ranks usually grow more slowly than k_max. Kinds the
+    sibling lacks get k_max. Keys are positions in ``named_shapes``, as
+    ``memory.adapprox_state_numbers`` takes them.
+    """
+    share: dict[str, float] = {}
+    for m in sibling.matrices:
+        kind = _matrix_kind(m.name)
+        share[kind] = max(share.get(kind, 0.0), m.ranks[tol] / m.rank_max)
+    out = {}
+    for i, (name, shape) in enumerate(named_shapes):
+        view = lowrank.matrix_view_shape(shape)
+        if view is None or not lowrank.is_factored(shape):
+            continue
+        k_max = lowrank.rank_cap(*view)
+        out[i] = max(1, min(k_max, math.ceil(share.get(_matrix_kind(name), 1.0) * k_max)))
+    return out
+
+
+def estimate_shapes(
+    named_shapes: list[tuple[str, tuple[int, ...]]],
+    source: str,
+    ranks: Sequence[int | None] = (None, 1),
+    *,
+    galore_rank: int = 128,
+    bytes_per_number: int = 4,
+    num_heads: int | None = None,
+    adam_mini_default: str = "row",
+    sibling: EstimateReport | None = None,
+) -> EstimateReport:
+    """State memory of every optimizer for these parameter shapes at fixed Adapprox ranks (and
+    at the ranks a measured ``sibling`` gives, see ``ranks_from_sibling``), and the training
+    totals (weights + gradients + state) at the usual precisions."""
     if any(k is not None and k < 1 for k in ranks):
         raise InputError(f"--rank must be >= 1, got {', '.join(str(k) for k in ranks)}")
-    named_shapes = memory.preset_named_shapes(preset)
     k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
     settings_ranks: dict[str, int | None] = {}
     for k in ranks:
@@ -1014,10 +1146,198 @@ def estimate_preset(
         else:
             label = f"k={k}" if all(k <= km for km in k_maxes) else f"k={k} (clamped to k_max)"
         settings_ranks[label] = k
+    measured: dict[str, Any] = {}
+    if sibling is not None:
+        for t in sibling.settings["tolerances"]:
+            measured[f"tol={t:g} (from {sibling.source})"] = ranks_from_sibling(named_shapes, sibling, t)
     rows = _memory_rows(
-        named_shapes, settings_ranks, None, galore_rank, bytes_per_number,
-        memory.PRESET_HEADS.get(preset), adam_mini_default,
+        named_shapes, {**measured, **settings_ranks}, None, galore_rank, bytes_per_number, num_heads,
+        adam_mini_default,
     )  # fmt: skip
     parameters = sum(math.prod(s) for _, s in named_shapes)
     settings = dict(ranks=list(ranks), galore_rank=galore_rank, adam_mini_default=adam_mini_default)
-    return EstimateReport(preset, parameters, bytes_per_number, "fixed", [], rows, settings)
+    if sibling is not None:
+        settings["sibling"] = sibling.source
+        settings["sibling_tolerances"] = list(sibling.settings["tolerances"])
+    report = EstimateReport(source, parameters, bytes_per_number, "fixed", [], rows, settings)
+    report.totals = training_totals(rows, parameters)
+    return report
+
+
+# Bytes per parameter for weights + gradients (+ fp32 master copy), and per state value, of the
+# precisions people train in. Activations are not counted: they depend on batch and sequence.
+PRECISIONS = {
+    "fp32": (4 + 4, 4),  # fp32 weights and gradients, fp32 state
+    "bf16 + fp32 master": (2 + 2 + 4, 4),  # bf16 weights and gradients, fp32 master weights and state
+    "pure bf16": (2 + 2, 2),  # bf16 weights, gradients and state (no master copy)
+}
+
+
+def training_totals(rows: Sequence[MemoryRow], parameters: int) -> list[dict[str, Any]]:
+    """Per optimizer row: weights + gradients + optimizer state, in bytes, for each of PRECISIONS."""
+    totals = []
+    for r in rows:
+        per_precision = {
+            name: parameters * weight_bytes + memory.state_bytes(r.numbers, state_bytes, r.bits)
+            for name, (weight_bytes, state_bytes) in PRECISIONS.items()
+        }
+        totals.append(
+            {"optimizer": r.optimizer, "label": r.label, "setting": r.setting, "bytes": per_precision}
+        )
+    return totals
+
+
+# --------------------------------------------------------------------------- training runs
+
+StageReport = SpectrumReport | CompareReport | EstimateReport
+# What a stage that cannot be read raises: the library's own one-line errors, and what torch,
+# pickle and the file system raise on a damaged or vanished file.
+_STAGE_FAILURES = (InputError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
+# A quantity that moved less than this (relative) between the first and the last stage is steady.
+_STEADY = 0.10
+
+
+@dataclass
+class StageResult:
+    """One checkpoint of a run: its analysis, or the one-line reason it could not be read."""
+
+    path: str
+    step: int | None  # from the name, else the largest step in the stored state
+    report: StageReport | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"path": self.path, "step": self.step}
+        if self.report is None:
+            return {**head, "error": self.error}
+        return {**head, **self.report.to_dict()}
+
+
+@dataclass
+class Trend:
+    """One quantity (a method's error on a matrix, a rank, a memory size) across the stages."""
+
+    name: str  # a matrix, "all matrices (size-weighted)" or an optimizer setting
+    quantity: str  # a method, "stable rank", "rank for error 0.05", "bytes", ...
+    values: list[float | None]  # one per stage, in stage order; None where it is unknown
+    change: float | None  # last known / first known; None when fewer than two are known or first is 0
+    direction: str  # "rising", "falling", "steady" or "-"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunReport:
+    """One analysis (spectrum, compare or estimate) over the checkpoints of a training run."""
+
+    kind: str
+    stages: list[StageResult]
+    trends: list[Trend]
+    skipped: list[tuple[str, str]]  # (path, why) candidates that were not checkpoints
+
+    @property
+    def steps(self) -> list[int | None]:
+        return [s.step for s in self.stages]
+
+    @property
+    def failed(self) -> list[StageResult]:
+        return [s for s in self.stages if s.report is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "stages": [s.to_dict() for s in self.stages],
+            "summary": [t.to_dict() for t in self.trends],
+            "failed": [{"path": s.path, "step": s.step, "error": s.error} for s in self.failed],
+            "skipped": [{"path": p, "why": why} for p, why in self.skipped],
+        }
+
+
+WEIGHTED = "all matrices (size-weighted)"
+
+
+def stage_quantities(report: StageReport) -> dict[tuple[str, str], float | None]:
+    """The numbers of one stage that a run summary follows: (name, quantity) -> value."""
+    out: dict[tuple[str, str], float | None] = {}
+    if isinstance(report, CompareReport):
+        for r in report.rows:
+            out[r.name, r.method] = r.relative_error
+        for s in report.summary:
+            out[WEIGHTED, s.method] = s.weighted_error
+    elif isinstance(report, SpectrumReport):
+        for m in report.matrices:
+            out[m.name, "stable rank"] = m.stable_rank
+            out[m.name, "energy in top 1"] = m.energy_share.get(1)
+            for t, k in m.rank_for_error.items():
+                out[m.name, f"rank for error {t:g}"] = None if k is None else float(k)
+    elif isinstance(report, EstimateReport):
+        for m in report.matrices:
+            for t, k in m.ranks.items():
+                out[m.name, f"rank at tol {t:g}"] = float(k)
+        for r in report.memory:
+            out[f"{r.label} {r.setting}".strip(), "bytes"] = float(r.bytes)
+    return out
+
+
+def run_trends(reports: Sequence[StageReport | None]) -> list[Trend]:
+    """Each quantity's values over the stages (None for a failed stage), with its overall change."""
+    per_stage = [stage_quantities(r) if r is not None else {} for r in reports]
+    keys = list(dict.fromkeys(key for quantities in per_stage for key in quantities))
+    trends = []
+    for name, quantity in keys:
+        values = [q.get((name, quantity)) for q in per_stage]
+        known = [v for v in values if v is not None and math.isfinite(v)]
+        change = known[-1] / known[0] if len(known) >= 2 and known[0] != 0 else None
+        if change is None:
+            direction = "-"
+        elif abs(change - 1) <= _STEADY:
+            direction = "steady"
+        else:
+            direction = "rising" if change > 1 else "falling"
+        trends.append(Trend(name, quantity, values, change, direction))
+    return trends
+
+
+def analyse_run(
+    stages: Sequence[Any],
+    load: Callable[[Path], Any],
+    analyse: Callable[[Any, Path], StageReport],
+    *,
+    kind: str,
+    skipped: Sequence[tuple[Path, str]] = (),
+    on_stage: Callable[[int, int, Any], None] | None = None,
+    on_result: Callable[[int, int, StageResult], None] | None = None,
+) -> RunReport:
+    """Run one analysis on each stage (a ``checkpoints.runs.Stage``), one checkpoint in memory at a time.
+
+    ``load(path)`` reads a checkpoint and ``analyse(checkpoint, path)`` turns it into a report.
+    A stage that fails to read or analyse is kept with its one-line error and the run goes on.
+    A stage without a step in its name takes the largest step stored in its state.
+    """
+    results: list[StageResult] = []
+    total = len(stages)
+    for i, stage in enumerate(stages, 1):
+        if on_stage is not None:
+            on_stage(i, total, stage)
+        step = stage.step
+        try:
+            checkpoint = load(stage.path)
+            if step is None:
+                step = getattr(checkpoint, "step", None)
+            report = analyse(checkpoint, stage.path)
+            del checkpoint  # the next stage reads into the memory this one held
+            result = StageResult(str(stage.path), step, report)
+        except _STAGE_FAILURES as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if not isinstance(error, InputError):
+                message = f"{stage.path}: {type(error).__name__}: {message}"
+            result = StageResult(str(stage.path), step, None, message)
+        results.append(result)
+        if on_result is not None:
+            on_result(i, total, result)
+    # Steps read from the state may reorder stages the names left unnumbered.
+    results.sort(key=lambda s: (s.step is None, s.step if s.step is not None else 0))
+    return RunReport(
+        kind, results, run_trends([s.report for s in results]), [(str(p), w) for p, w in skipped]
+    )

@@ -24,7 +24,6 @@ import contextlib
 import inspect
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapprox_cli.atomic_io import atomic_write, fsync_directory
+from adapprox_cli.atomic_io import (
+    atomic_write,
+    check_target,
+    install_directory,
+    install_file,
+    new_temporary_directory,
+    temporary_path,
+    write_error,
+)
 from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes  # re-exported
 from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
 from adapprox_cli.formatting import dtype_name, format_shape
@@ -549,34 +556,72 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda temporary: _write_torch(obj, temporary))
 
 
-def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str, Any], force: bool) -> None:
-    """Copy ``source`` to ``destination`` with the files in ``replace`` re-saved; renamed into place."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str, Any]) -> None:
+    """Copy ``source`` to ``destination`` with the files in ``replace`` re-saved; installed in one step.
+
+    Symlinks are copied as links, never followed: a downloaded checkpoint's ``notes.txt ->
+    ~/.ssh/id_rsa`` must not put the key's bytes into the output, and ``loop -> .`` must not recurse.
+    """
+    temporary = new_temporary_directory(destination)
     try:
-        shutil.copytree(source, temporary, dirs_exist_ok=True, ignore=lambda _d, _names: list(replace))
+        _copy_tree(source, temporary, skip=set(replace))
         for name, obj in replace.items():
             _write_torch(obj, temporary / name)
-        if destination.exists():
-            if not force:
-                raise InputError(f"{destination} exists; pass --force to replace it")
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            os.replace(destination, old)
-            os.replace(temporary, destination)
-            _remove(old)
-        else:
-            os.replace(temporary, destination)
-        fsync_directory(destination.parent)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+            os.chmod(temporary / name, 0o666 & ~_umask())
+        install_directory(temporary, destination)
+    except OSError as exc:
+        raise write_error(exc, destination) from exc
+    finally:
+        _remove(temporary)
+
+
+def _copy_tree(source: Path, destination: Path, skip: set[str]) -> None:
+    """Copy files and directories; recreate symlinks instead of following them.
+
+    A relative link that stays inside ``source`` is copied as is (it resolves the same way in the
+    copy); any other link points at its resolved absolute target, so a Hugging Face cache snapshot
+    (``model.safetensors -> ../../blobs/...``) still works from the new place without its bytes
+    being copied.
+    """
+    root = source.resolve()
+    for current, dirs, files in os.walk(source, followlinks=False):
+        here = Path(current)
+        relative = here.relative_to(source)
+        entries = [(n, True) for n in dirs] + [(n, False) for n in files]
+        dirs[:] = [n for n in dirs if not (here / n).is_symlink() and not (here == source and n in skip)]
+        for name, is_dir in entries:
+            if here == source and name in skip:
+                continue
+            src, dst = here / name, destination / relative / name
+            if src.is_symlink():
+                link = os.readlink(src)
+                resolved = Path(os.path.realpath(src))
+                inside = resolved == root or root in resolved.parents
+                os.symlink(link if inside and not os.path.isabs(link) else str(resolved), dst)
+            elif is_dir:
+                os.mkdir(dst)
+                shutil.copystat(src, dst)
+            elif src.is_file():
+                shutil.copy2(src, dst)
+            else:  # a pipe or device: reading it could block forever or never end
+                raise InputError(
+                    f"{src} is not a regular file (a pipe, socket or device); remove it from the checkpoint "
+                    "directory or pass --format plain"
+                )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -653,9 +698,11 @@ def convert_checkpoint(
         )
     if _same_path(source, output):
         raise InputError(f"the output {output} is the input; write the converted checkpoint to another path")
-    if output.exists() and not force:
-        raise InputError(f"{output} exists; pass --force to replace it")
+    check_target(output, force=force, inputs=[source])
     checkpoint = _load_checkpoint(source, trust_checkpoint, optimizer_index)
+    from adapprox_cli.checkpoints.validate import require_sound_state
+
+    require_sound_state(checkpoint, "convert")
     kind = "adapprox" if checkpoint.optimizer == "adapprox" else "adamw"
     target = to or ("adamw" if kind == "adapprox" else "adapprox")
     if target not in ("adapprox", "adamw"):
@@ -681,10 +728,30 @@ def convert_checkpoint(
         new_state, report = adapprox_to_adamw(state_dict, names=names, shapes=shapes)
     report.warnings = list(checkpoint.warnings) + report.warnings
     report.source, report.source_format = str(source), checkpoint.format
-    fmt = _write_output(checkpoint, new_state, output, output_format, target, report, force, names, shapes)
+    if not verify:
+        fmt = _write_output(checkpoint, new_state, output, output_format, target, report, names, shapes)
+    else:
+        # Written beside the target and verified there: a failed verification leaves nothing at
+        # the target (and an old --force target in place).
+        staged = temporary_path(output)
+        try:
+            fmt = _write_output(checkpoint, new_state, staged, output_format, target, report, names, shapes)
+            try:
+                _verify_output(
+                    staged, report, state_dict, new_state, shapes, trust_checkpoint, optimizer_index
+                )
+            except AdapproxError as exc:
+                raise type(exc)(str(exc).replace(str(staged), str(output))) from None
+            if staged.is_dir():
+                install_directory(staged, output)
+            else:
+                try:
+                    install_file(staged, output)
+                except OSError as exc:
+                    raise write_error(exc, output) from exc
+        finally:
+            _remove(staged)
     report.output, report.output_format = str(output), fmt
-    if verify:
-        _verify_output(output, report, state_dict, new_state, shapes, trust_checkpoint, optimizer_index)
     return report
 
 
@@ -699,7 +766,6 @@ def _write_output(
     output_format: str,
     target: str,
     report: ConversionReport,
-    force: bool,
     names: Mapping[int, str],
     shapes: Mapping[int, tuple[int, ...]],
 ) -> str:
@@ -731,7 +797,7 @@ def _write_output(
                 f"{checkpoint.path} has no {file_name} to replace; pass --format plain or --format safetensors"
             )
         contents = checkpoint.container_with_optimizer_state(new_state)
-        _atomic_copy_directory(Path(checkpoint.path), output, {file_name: contents}, force)
+        _atomic_copy_directory(Path(checkpoint.path), output, {file_name: contents})
         return checkpoint.format
     if write_back is None or Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
         raise InputError(
@@ -755,8 +821,11 @@ def _verify_output(
     optimizer_index: int,
 ) -> None:
     """Read the output back; check the kind, shapes, ranks and reconstruction errors; load it."""
+    from adapprox_cli.checkpoints.validate import param_problem
+
     reloaded = _load_checkpoint(output, trust_checkpoint, optimizer_index)
-    problems: list[str] = []
+    # Every value finite, every second moment >= 0, every moment the parameter's shape.
+    problems: list[str] = [q for q in (param_problem(p) for p in reloaded.params) if q]
     if (reloaded.optimizer == "adapprox") != (report.target_optimizer == "adapprox"):
         problems.append(f"it reads back as {reloaded.optimizer}, not {report.target_optimizer}")
     by_index = {p.index: p for p in reloaded.params}
@@ -794,7 +863,7 @@ def _verify_output(
         except (ValueError, RuntimeError, KeyError) as exc:
             problems.append(f"{report.target_optimizer} refuses it: {exc}")
     if problems:
-        raise AdapproxError(f"verification of {output} failed: " + "; ".join(problems[:5]))
+        raise InputError(f"verification of {output} failed: " + "; ".join(problems[:5]))
     report.verified = True
 
 

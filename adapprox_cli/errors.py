@@ -24,3 +24,14 @@ class UnsupportedStateError(InputError):
 class StateMismatchError(InputError, ValueError):
     """An optimizer state that does not fit the parameters it is loaded into (a ValueError, as
     ``torch.optim.Optimizer.load_state_dict`` raises for a mismatched state dict)."""
+
+
+class OutputError(InputError, OSError):
+    """An output could not be written (no space, no permission, a target it must not replace).
+
+    Also an ``OSError`` (with the original ``errno``), so code that handles I/O failures the
+    Python way keeps working; the message names the target, never a temporary file.
+    """
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno is set
+        return str(self.args[0]) if self.args else ""

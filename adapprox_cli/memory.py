@@ -12,6 +12,7 @@ matrix and a dense second moment for everything else.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from adapprox_cli.lowrank import is_factored, matrix_view_shape, rank_cap, square_matricize_shape
@@ -21,25 +22,34 @@ __all__ = [
     "PRESETS",
     "PRESET_HEADS",
     "adafactor_state_numbers",
+    "adalomo_state_numbers",
     "adam_mini_block",
     "adam_mini_block_numbers",
     "adam_mini_state_numbers",
     "adamw_state_numbers",
     "adapprox_state_numbers",
+    "badam_state_numbers",
     "came_state_numbers",
+    "coap_state_numbers",
     "galore_matrix_numbers",
     "galore_state_numbers",
     "gpt2_names",
     "gpt2_shapes",
+    "lion_state_numbers",
     "llama_names",
     "llama_shapes",
+    "microadam_state_bits",
+    "muon_state_numbers",
     "preset_named_shapes",
     "preset_shapes",
     "savings_vs_adamw",
+    "shampoo_state_numbers",
     "smmf_sign_bits",
     "smmf_state_numbers",
+    "soap_state_numbers",
     "state_bytes",
     "state_size",
+    "torchao_low_bit_state",
 ]
 
 Shape = tuple[int, ...]
@@ -323,8 +333,127 @@ def galore_state_numbers(shapes: Iterable[Shape], rank: int = 128) -> int:
     return sum(galore_matrix_numbers(tuple(s), rank) for s in shapes)
 
 
+def coap_state_numbers(shapes: Iterable[Shape], rank: int = 128) -> int:
+    """COAP (Xiao et al., arXiv:2412.00071): GaLore's layout, a projector and the Adam moments of
+    the projected gradient per matrix (its correlation-aware projection update keeps no other
+    persistent buffer); vectors keep Adam."""
+    return galore_state_numbers(shapes, rank)
+
+
+def adalomo_state_numbers(shapes: Iterable[Shape]) -> int:
+    """AdaLomo (Lv et al., arXiv:2310.10195): Adafactor's factored second moment, no first moment.
+
+    (It also fuses the update into the backward pass, so it keeps no gradients either; that
+    saving belongs to the gradient budget, not to the optimizer state counted here.)"""
+    return adafactor_state_numbers(shapes, first_moment=False)
+
+
+def _layer_block(name: str) -> str:
+    # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3": BAdam's default blocks are layers.
+    match = re.match(r"^(.*?\.\d+)(?:\.|$)", name)
+    return match.group(1) if match else name
+
+
+def badam_state_numbers(named_shapes: Iterable[tuple[str, Shape]]) -> int:
+    """BAdam (Luo et al., arXiv:2404.02827): block coordinate descent, Adam state for the active
+    block only, freed when the block switches. Blocks are transformer layers (names up to the
+    first number); every other parameter is a block of its own (``include_embedding``), so this
+    is 2 x the largest block."""
+    blocks: dict[str, int] = {}
+    for name, shape in named_shapes:
+        key = _layer_block(name)
+        blocks[key] = blocks.get(key, 0) + _numel(shape)
+    return 2 * max(blocks.values(), default=0)
+
+
+MICROADAM_WINDOW = 10  # m gradients kept (the paper's default)
+MICROADAM_DENSITY = 0.01  # top-k: 1% of the entries of each gradient
+
+
+def microadam_state_bits(
+    shapes: Iterable[Shape], *, window: int = MICROADAM_WINDOW, density: float = MICROADAM_DENSITY
+) -> int:
+    """MicroAdam (Modoranu et al., arXiv:2405.15593): no dense moments; a window of ``window``
+    sparse gradients (top ``density`` entries, a bf16 value and an int16 index each) and a 4-bit
+    quantized error-feedback buffer, ~0.9 bytes per parameter at the defaults (the paper's 0.9d).
+    The per-bucket min/max of the quantizer (two bf16 per bucket of thousands) is not counted."""
+    bits = 0
+    for shape in shapes:
+        numel = _numel(shape)
+        bits += 4 * numel + window * math.ceil(density * numel) * (16 + 16)
+    return bits
+
+
+SOAP_MAX_PRECOND_DIM = 10_000  # SOAP's default: larger dimensions are left unpreconditioned
+
+
+def soap_state_numbers(shapes: Iterable[Shape], *, max_precond_dim: int = SOAP_MAX_PRECOND_DIM) -> int:
+    """SOAP (Vyas et al., arXiv:2409.11321): Adam's two moments in the rotated basis plus, per
+    dimension <= ``max_precond_dim`` of a >= 2-D tensor, Shampoo's statistics GG and its
+    eigenbasis Q (d x d each). Vectors get plain Adam (``precondition_1d=False``). More than
+    AdamW by construction."""
+    total = 0
+    for shape in shapes:
+        total += 2 * _numel(shape)
+        if len(shape) >= 2:
+            total += sum(2 * int(d) ** 2 for d in shape if int(d) <= max_precond_dim)
+    return total
+
+
+def shampoo_state_numbers(shapes: Iterable[Shape]) -> int:
+    """Shampoo (Gupta et al., arXiv:1802.09568): per dimension d of every tensor, the statistics
+    (d x d) and its inverse root (d x d), as in the paper's Algorithm 2 (no blocking, no
+    momentum or grafting). More than AdamW for any layer wider than a few dimensions."""
+    return sum(2 * int(d) ** 2 for shape in shapes for d in shape)
+
+
+def lion_state_numbers(shapes: Iterable[Shape]) -> int:
+    """Lion (Chen et al., arXiv:2302.06675): one momentum buffer the size of the parameter."""
+    return sum(_numel(s) for s in shapes)
+
+
+MUON_ADAMW_NAMES = ("embed", "embd", "wte", "wpe", "lm_head", "output")
+
+
+def muon_state_numbers(named_shapes: Iterable[tuple[str, Shape]]) -> int:
+    """Muon (Jordan et al. 2024; Liu et al., arXiv:2502.16982): one momentum buffer per hidden
+    matrix; embeddings, the output head and vectors are trained by AdamW (two buffers), as the
+    Muon reference code and Moonlight do."""
+    total = 0
+    for name, shape in named_shapes:
+        adamw = len(shape) < 2 or any(s in name.lower() for s in MUON_ADAMW_NAMES)
+        total += (2 if adamw else 1) * _numel(shape)
+    return total
+
+
+TORCHAO_MIN_NUMEL = 4096  # torchao quantizes a state only from this size, in whole blocks
+
+
+def torchao_low_bit_state(shapes: Iterable[Shape], *, bits: int) -> tuple[int, int]:
+    """torchao's AdamW8bit / AdamW4bit (``torchao.optim``): both moments as block-wise quantized
+    codes (Dettmers et al., arXiv:2110.02861, blocks of 256; Li et al., arXiv:2309.01507, blocks
+    of 128 for 4 bits), one scale per block and the code book (256 or 16 values) per tensor.
+    Tensors under 4096 elements or not a whole number of blocks keep plain 32-bit moments.
+
+    Returns (numbers at the state dtype: scales, code books, plain moments; packed code bits).
+    """
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    block = 256 if bits == 8 else 128
+    numbers = code_bits = 0
+    for shape in shapes:
+        numel = _numel(shape)
+        if numel >= TORCHAO_MIN_NUMEL and numel % block == 0:
+            numbers += 2 * (numel // block + 2**bits)
+            code_bits += 2 * bits * numel
+        else:
+            numbers += 2 * numel
+    return numbers, code_bits
+
+
 def state_bytes(numbers: int, bytes_per_number: int = 4, bits: int = 0) -> int:
-    """Bytes for ``numbers`` values of ``bytes_per_number`` each, plus ``bits`` packed 1-bit values."""
+    """Bytes for ``numbers`` values of ``bytes_per_number`` each, plus ``bits`` of packed codes
+    (SMMF's sign bits, quantized states)."""
     return numbers * bytes_per_number + (bits + 7) // 8
 
 

@@ -12,15 +12,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from adapprox_cli.analysis import CompareReport, EstimateReport, SpectrumReport, common_name_prefix
+from adapprox_cli.analysis import (
+    WEIGHTED,
+    CompareReport,
+    EstimateReport,
+    RunReport,
+    SpectrumReport,
+    common_name_prefix,
+)
 from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import METHODS
 
-__all__ = ["plot_compare", "plot_estimate", "plot_spectrum", "representative_names"]
+__all__ = [
+    "plot_compare",
+    "plot_compare_run",
+    "plot_estimate",
+    "plot_estimate_run",
+    "plot_spectrum",
+    "plot_spectrum_run",
+    "representative_names",
+]
 
 _FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
@@ -75,11 +91,15 @@ def plot_spectrum(report: SpectrumReport, path: str | Path, *, max_lines: int = 
     ax.set_xlabel("index i")
     ax.set_ylabel("singular value $\\sigma_i$")
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
+    note = _subset_note([n for n in chosen], len(report.matrices))
     ax.set_title(
-        f"Top-{report.settings.get('top', '')} singular values of the {what} moment" + _under(prefix)
+        f"Top-{report.settings.get('top', '')} singular values of the {what} moment"
+        + _under(prefix)
+        + (f"\n{note}" if note else ""),
+        fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -94,25 +114,44 @@ def plot_compare(report: CompareReport, path: str | Path, *, max_groups: int = 1
     groups = [*names, "weighted mean"]
     for s in report.summary:
         errors[("weighted mean", s.method)] = s.weighted_error
-    fig = Figure(figsize=(max(7.0, 1.1 * len(groups) + 2), 4.8), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 1.1 * len(groups) + 3), 4.8), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
+    exact: list[float] = []  # x positions of errors that are exactly 0: no bar on a log axis
+    positive: list[float] = []
     for j, method in enumerate(methods):
         xs, ys = [], []
         for i, group in enumerate(groups):
             value = errors.get((group, method))
-            if value is not None and math.isfinite(value):
-                xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                ys.append(max(value, 1e-16))
+            x = i + (j - (len(methods) - 1) / 2) * width
+            if value is not None and math.isfinite(value) and value > 0:
+                xs.append(x)
+                ys.append(value)
+            elif value == 0:
+                exact.append(x)
+        positive += ys
         ax.bar(xs, ys, width=width, label=method, color=f"C{list(METHODS).index(method) % 10}")
     ax.set_yscale("log")
+    if positive:
+        # The axis spans the errors that exist; an exact (0) error is marked, not drawn at 1e-16.
+        ax.set_ylim(min(positive) / 3, max(positive) * 2)
+    for x in exact:
+        ax.annotate("0", (x, 0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)))
     prefix = common_name_prefix(report.matrices)
     ax.set_xticklabels([_short(g.removeprefix(prefix)) for g in groups], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("relative error $\\|V - \\tilde V\\|_F / \\|V\\|_F$")
-    ax.set_title(f"Approximation error by method (rank {report.settings['rank']})" + _under(prefix))
+    note = _subset_note(names, len(report.matrices))
+    if exact:
+        note += ("; " if note else "") + "0: an exact fit (no bar on the log axis)"
+    ax.set_title(
+        f"Approximation error by method (rank {report.settings['rank']})"
+        + _under(prefix)
+        + (f"\n{note}" if note else ""),
+        fontsize=10,
+    )
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=min(4, len(methods)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -121,7 +160,8 @@ def plot_estimate(report: EstimateReport, path: str | Path) -> Path:
     fig = Figure(figsize=(8.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     unit, scale = _byte_unit(max(r.bytes for r in report.memory))
-    if any(r.setting.startswith("tol=") for r in report.memory):
+    tols = {r.setting for r in report.memory if r.setting.startswith("tol=")}
+    if len(tols) > 1:
         _memory_against_tolerance(ax, report, scale)
         ax.set_ylabel(f"optimizer state ({unit})")
     else:
@@ -164,17 +204,37 @@ def _memory_against_tolerance(ax: Any, report: EstimateReport, scale: float) -> 
 
 
 def _memory_bars(ax: Any, report: EstimateReport, scale: float) -> None:
+    """Horizontal bars on a linear axis up to a bit past AdamW, so that half of AdamW looks half;
+    the states larger than that (SOAP, Shampoo) run off the edge, labelled with their size."""
+    from adapprox_cli.formatting import human_bytes
+
     labels = [f"{r.label} {r.setting}".strip() for r in report.memory]
-    ax.barh(
-        range(len(labels)),
-        [r.bytes / scale for r in report.memory],
-        color=[f"C{i}" for i in range(len(labels))],
+    adamw = next(
+        (r.bytes for r in report.memory if r.optimizer == "adamw"), max(r.bytes for r in report.memory)
     )
+    limit = 1.45 * adamw / scale
+    values = [min(r.bytes / scale, limit) for r in report.memory]
+    bars = ax.barh(range(len(labels)), values, color=[f"C{i % 10}" for i in range(len(labels))])
+    for bar, r in zip(bars, report.memory):
+        if r.bytes / scale > limit:
+            bar.set_hatch("//")
     for i, r in enumerate(report.memory):
-        ax.annotate(f" {r.saving_percent:.2f}% saved", (r.bytes / scale, i), va="center", fontsize=7)
+        saving = (
+            f"{r.saving_percent:.2f}% saved" if r.saving_percent >= 0 else f"{r.bytes / adamw:.1f}x AdamW"
+        )
+        text = f" {human_bytes(r.bytes)}, {saving}" + (" (off scale)" if r.bytes / scale > limit else "")
+        inside = values[i] > 0.7 * limit
+        ax.annotate(
+            text.strip() + " " if inside else text,
+            (values[i], i),
+            va="center",
+            ha="right" if inside else "left",
+            fontsize=7,
+            color="white" if inside else "black",
+        )
+    ax.set_xlim(0, limit)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xscale("log")
 
 
 def _under(prefix: str) -> str:
@@ -183,3 +243,172 @@ def _under(prefix: str) -> str:
 
 def _short(name: str, limit: int = 28) -> str:
     return name if len(name) <= limit else "..." + name[-(limit - 3) :]
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def _stage_axis(run: RunReport) -> tuple[list[float], str, list[str] | None]:
+    """x positions of the stages: their steps, or their order when a step is unknown."""
+    steps = run.steps
+    if all(s is not None for s in steps):
+        return [float(s) for s in steps], "training step", None
+    return [float(i) for i in range(1, len(steps) + 1)], "stage", [Path(s.path).name for s in run.stages]
+
+
+def _series(run: RunReport, name: str, quantity: str) -> list[float | None]:
+    for trend in run.trends:
+        if trend.name == name and trend.quantity == quantity:
+            return trend.values
+    return [None] * len(run.stages)
+
+
+def _plot_series(ax: Any, xs: list[float], values: Sequence[float | None], **style: Any) -> list[float]:
+    """One line over the stages, broken where a value is unknown; returns the values drawn."""
+    ys = [v if v is not None and math.isfinite(v) else math.nan for v in values]
+    ax.plot(xs, ys, **{"marker": "o", "markersize": 4, **style})
+    return [y for y in ys if not math.isnan(y)]
+
+
+def _scale_for(ax: Any, drawn: Sequence[float], *, axis: str = "y") -> None:
+    """Log scale when the positive values span more than a decade and a half, else linear."""
+    positive = [v for v in drawn if v > 0]
+    if positive and max(positive) / min(positive) > 30 and len(positive) == len(drawn):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", ":")
+
+
+def _steps_ticks(ax: Any, xs: list[float], labels: list[str] | None) -> None:
+    """Steps on a log axis when they span decades (10, 50, 300 ...), labelled where few."""
+    if labels is None and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    if labels is not None:
+        ax.set_xticks(xs, [_short(label, 16) for label in labels], rotation=30, ha="right", fontsize=7)
+    elif len(xs) <= 12:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+
+
+def _run_title(run: RunReport, what: str) -> str:
+    failed = f"; {len(run.failed)} stage(s) unreadable" if run.failed else ""
+    return f"{what} over {len(run.stages)} checkpoints{failed}"
+
+
+def _subset_note(shown: Sequence[str], total: int) -> str:
+    if len(shown) == total:
+        return ""
+    return f"{len(shown)} of {total} matrices shown: one per kind (layer numbers ignored)"
+
+
+def plot_compare_run(run: RunReport, path: str | Path, *, max_lines: int = 6) -> Path:
+    """The paper's Figure 2 over training: each method's error against the training step.
+
+    Left: the size-weighted error over all matrices, one line per method. Right: the first
+    low-rank method's error per matrix, for one matrix of each kind.
+    """
+    reports = [s.report for s in run.stages if s.report is not None]
+    methods = reports[0].settings["methods"]
+    matrices = list(dict.fromkeys(name for r in reports for name in r.matrices))
+    xs, xlabel, labels = _stage_axis(run)
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    drawn: list[float] = []
+    for j, method in enumerate(methods):
+        color = f"C{list(METHODS).index(method) % 10}" if method in METHODS else None
+        # Methods that agree (svd, srsi, svd_lowrank) draw on top of each other: markers and
+        # dashes of different sizes keep each one visible.
+        style = {"marker": _MARKERS[j % len(_MARKERS)], "markersize": 9 - j % 4, "linestyle": _DASHES[j % 3]}
+        drawn += _plot_series(left, xs, _series(run, WEIGHTED, method), label=method, color=color, **style)
+    _scale_for(left, drawn)
+    left.set_title(f"all {len(matrices)} matrices, size-weighted (rank {reports[0].settings['rank']})")
+    left.set_ylabel("relative error $\\|V - \\tilde V\\|_F / \\|V\\|_F$")
+    focus = next((m for m in ("srsi", "svd", "svd_lowrank") if m in methods), methods[0])
+    shown = representative_names(matrices, max_lines)
+    prefix = common_name_prefix(matrices)
+    drawn = []
+    for name in shown:
+        drawn += _plot_series(right, xs, _series(run, name, focus), label=_short(name.removeprefix(prefix)))
+    _scale_for(right, drawn)
+    note = _subset_note(shown, len(matrices))
+    right.set_title(f"{focus} per matrix" + _under(prefix) + (f"\n{note}" if note else ""), fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel(xlabel)
+        _steps_ticks(ax, xs, labels)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(_run_title(run, "Second-moment approximation error"))
+    return _save(fig, path)
+
+
+def plot_spectrum_run(run: RunReport, path: str | Path, *, max_lines: int = 6) -> Path:
+    """How low-rank the moment stays over training: top-1 energy share and stable rank per matrix."""
+    reports = [s.report for s in run.stages if s.report is not None]
+    matrices = list(dict.fromkeys(m.name for r in reports for m in r.matrices))
+    shown = representative_names(matrices, max_lines)
+    prefix = common_name_prefix(matrices)
+    xs, xlabel, labels = _stage_axis(run)
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    drawn_right: list[float] = []
+    for i, name in enumerate(shown):
+        label = _short(name.removeprefix(prefix))
+        share = [None if v is None else 100 * v for v in _series(run, name, "energy in top 1")]
+        _plot_series(left, xs, share, label=label, color=f"C{i}")
+        drawn_right += _plot_series(right, xs, _series(run, name, "stable rank"), label=label, color=f"C{i}")
+    left.set_ylabel("share of $\\|V\\|_F^2$ in $\\sigma_1$ (%)")
+    left.set_ylim(0, 100)
+    right.set_ylabel("stable rank $\\|V\\|_F^2 / \\sigma_1^2$")
+    _scale_for(right, drawn_right)
+    note = _subset_note(shown, len(matrices))
+    what = "second" if reports[0].settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
+    for ax in (left, right):
+        ax.set_xlabel(xlabel)
+        _steps_ticks(ax, xs, labels)
+        ax.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(
+        _run_title(run, f"Spectrum of the {what} moment") + _under(prefix) + (f"\n{note}" if note else ""),
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def plot_estimate_run(run: RunReport, path: str | Path) -> Path:
+    """Ranks Adapprox settles on (mean over matrices, per tol) and state memory against the step."""
+    reports = [s.report for s in run.stages if s.report is not None]
+    tols = reports[0].settings.get("tolerances", [])
+    xs, xlabel, labels = _stage_axis(run)
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    matrices = list(dict.fromkeys(m.name for r in reports for m in r.matrices))
+    for i, tol in enumerate(tols):
+        per_matrix = [_series(run, name, f"rank at tol {tol:g}") for name in matrices]
+        mean = []
+        for stage in range(len(run.stages)):
+            ranks = [values[stage] for values in per_matrix if values[stage] is not None]
+            mean.append(sum(ranks) / len(ranks) if ranks else None)
+        _plot_series(left, xs, mean, label=f"tol {tol:g}", color=f"C{i}")
+    left.set_ylabel(f"mean rank over {len(matrices)} matrices")
+    left.set_title("Adapprox's adaptive rank", fontsize=9)
+    rows = list(dict.fromkeys(t.name for t in run.trends if t.quantity == "bytes"))
+    unit, scale = _byte_unit(max(v or 0 for t in run.trends if t.quantity == "bytes" for v in t.values))
+    drawn: list[float] = []
+    palette = matplotlib.colormaps["tab20"]  # a dozen rows: ten colours would repeat
+    for i, name in enumerate(rows):
+        values = [None if v is None else v / scale for v in _series(run, name, "bytes")]
+        ours = name.startswith("Adapprox")
+        style = {"linewidth": 2.2} if ours else {"linewidth": 1, "linestyle": "--", "marker": "s"}
+        drawn += _plot_series(right, xs, values, label=name, color=palette(i % 20), **style)
+    _scale_for(right, drawn)
+    right.set_ylabel(f"optimizer state ({unit})")
+    right.set_title("Optimizer-state memory", fontsize=9)
+    for ax in (left, right):
+        ax.set_xlabel(xlabel)
+        _steps_ticks(ax, xs, labels)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(_run_title(run, "Ranks and memory"))
+    return _save(fig, path)

@@ -204,3 +204,70 @@ def test_cuda_requested_without_a_gpu(nanogpt, command):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA is not available" in lines[0] and "--device cpu" in lines[0]
+
+
+def _cells(text: str) -> set[str]:
+    return {cell.strip() for line in text.splitlines() for cell in line.split("│")[1:-1]}
+
+
+def test_tables_at_80_columns_keep_every_number_whole(nanogpt, monkeypatch):
+    """Into a pipe at 80 columns, tables split or fold names but print each number as JSON has it."""
+    from adapprox_cli.cli.analysis import _num
+
+    monkeypatch.setenv("COLUMNS", "80")
+    path, *_ = nanogpt
+    for args in ([], ["--long"]):
+        text = invoke("compare", path, *args).stdout
+        assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+        data = as_json(invoke("compare", path, "--json"))
+        digits = 4 if args else 3
+        assert {_num(r["relative_error"], digits) for r in data["rows"]} <= _cells(text)
+        assert {f"{s['numbers_stored']:,}" for s in data["summary"]} <= _cells(text)
+    text = invoke("spectrum", path).stdout
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    data = as_json(invoke("spectrum", path, "--json"))
+    assert {_num(m["singular_values"][0]) for m in data["matrices"]} <= _cells(text)
+    assert {_num(m["stable_rank"], 4) for m in data["matrices"]} <= _cells(text)
+    text = invoke("estimate", "--shapes", "gpt2-124m").stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    data = as_json(invoke("estimate", "--shapes", "gpt2-124m", "--json"))
+    assert {f"{r['bytes']:,}" for r in data["memory"]} <= _cells(text)
+
+
+def test_csv_writes_the_tables(nanogpt, tmp_path):
+    import csv
+
+    path, *_ = nanogpt
+    target = tmp_path / "compare.csv"
+    result = invoke("compare", path, "--methods", "svd,adafactor", "--csv", target)
+    assert result.exit_code == 0, result.output
+    errors = list(csv.reader((tmp_path / "compare-errors.csv").open()))
+    summary = list(csv.reader((tmp_path / "compare-summary.csv").open()))
+    assert errors[0] == ["parameter", "shape", "svd", "adafactor"] and len(errors) == 1 + 10
+    assert [row[0] for row in summary[1:]] == ["svd", "adafactor"]
+    data = as_json(invoke("compare", path, "--methods", "svd,adafactor", "--json"))
+    assert summary[1][1] == f"{data['summary'][0]['weighted_error']:.4g}"
+    plan = tmp_path / "plan.csv"
+    assert invoke("estimate", "--shapes", "gpt2-124m", "--csv", plan).exit_code == 0
+    rows = list(csv.reader((tmp_path / "plan-memory.csv").open()))
+    assert next(csv.reader((tmp_path / "plan-totals.csv").open()))[2] == "fp32"
+    assert rows[0][:3] == ["optimizer", "setting", "state"] and rows[1][0] == "AdamW"
+
+
+def test_compare_warns_when_the_factors_outgrow_the_dense_state(nanogpt):
+    path, *_ = nanogpt
+    result = invoke("compare", path, "--rank", "16", "--methods", "svd", "--params", "wte")
+    assert result.exit_code == 0, result.output
+    # wte is 48 x 16: 16 x (48 + 16) = 1024 numbers against 768 dense ones.
+    assert "store more numbers as factors" in result.stderr and "16 x (48 + 16) > 768" in result.stderr
+    quiet = invoke("compare", path, "--rank", "2", "--methods", "svd", "--params", "wte")
+    assert "store more numbers" not in quiet.stderr
+
+
+def test_help_shows_flags_and_the_path_argument_plainly():
+    for command in ("spectrum", "compare", "estimate"):
+        text = invoke(command, "--help").stdout
+        assert "{path}" not in text.lower() and "PATH..." in text
+        flags = [line for line in text.splitlines() if "--json" in line or "--trust-checkpoint" in line]
+        assert flags and not any("<bool>" in line for line in flags), command
+    assert "sm3." in " ".join(invoke("compare", "--help").stdout.split())  # the --methods list, whole

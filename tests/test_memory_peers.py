@@ -125,3 +125,69 @@ def test_preset_defaults_are_the_two_ends_of_the_range():
     # (every weight is 2-D, vectors dense).
     by_key = {(r.optimizer, r.setting): r for r in report.memory}
     assert by_key[("adafactor", "")].numbers == by_key[("adapprox_no_m", "k=1")].numbers
+
+
+def test_coap_keeps_galores_layout_and_adalomo_adafactors():
+    assert memory.coap_state_numbers(SHAPES, 2) == memory.galore_state_numbers(SHAPES, 2)
+    # (4,6): 2 x (2 x 6 + 4) = 32 < 48; (6,): Adam 12.
+    assert memory.coap_state_numbers([(4, 6), (6,)], 2) == 32 + 12
+    assert memory.adalomo_state_numbers(SHAPES) == 10 + 6 + 16  # no first moment
+
+
+def test_badam_holds_adam_state_for_the_largest_block_only():
+    named = [
+        ("model.layers.0.mlp.up.weight", (4, 6)),
+        ("model.layers.0.norm.weight", (6,)),  # layer 0: 30 elements
+        ("model.layers.1.mlp.up.weight", (2, 3, 6)),  # layer 1: 36
+        ("lm_head.weight", (4, 6)),  # a block of its own: 24
+    ]
+    assert memory.badam_state_numbers(named) == 2 * 36
+
+
+def test_microadam_keeps_a_window_of_sparse_gradients_and_a_4_bit_error_buffer():
+    # Per tensor: 4 bits per element + 10 gradients x ceil(1%) entries x (16-bit value + 16-bit index).
+    assert memory.microadam_state_bits(SHAPES) == (96 + 320) + (24 + 320) + (120 + 320)
+    # At scale this is the paper's 0.9 bytes per parameter.
+    assert memory.microadam_state_bits([(1000, 1000)]) / 8 == pytest.approx(0.9e6)
+
+
+def test_soap_and_shampoo_store_more_than_adamw():
+    # SOAP: Adam's 2 mn plus GG and Q (d x d) per dimension of >= 2-D tensors; vectors plain Adam.
+    assert memory.soap_state_numbers(SHAPES) == (48 + 2 * 16 + 2 * 36) + 12 + (60 + 2 * (4 + 9 + 25))
+    assert memory.soap_state_numbers(SHAPES, max_precond_dim=5) == (48 + 2 * 16) + 12 + (
+        60 + 2 * (4 + 9 + 25)
+    )
+    # Shampoo: statistics and inverse root per dimension, vectors included.
+    assert memory.shampoo_state_numbers(SHAPES) == 2 * (16 + 36) + 2 * 36 + 2 * (4 + 9 + 25)
+    assert memory.soap_state_numbers(SHAPES) > memory.adamw_state_numbers(SHAPES)
+    assert memory.shampoo_state_numbers(SHAPES) > memory.adamw_state_numbers(SHAPES)
+
+
+def test_lion_and_muon_keep_one_buffer():
+    assert memory.lion_state_numbers(SHAPES) == 60
+    named = [("h.0.mlp.c_fc.weight", (4, 6)), ("transformer.wte.weight", (4, 6)), ("h.0.ln_1.weight", (6,))]
+    assert memory.muon_state_numbers(named) == 24 + 2 * 24 + 2 * 6  # embeddings and vectors: AdamW
+
+
+def test_torchao_low_bit_quantizes_whole_blocks_of_large_tensors():
+    big = (64, 128)  # 8192 elements: 32 blocks of 256, 64 of 128
+    assert memory.torchao_low_bit_state([big, (6,)], bits=8) == (2 * (32 + 256) + 12, 2 * 8 * 8192)
+    assert memory.torchao_low_bit_state([big], bits=4) == (2 * (64 + 16), 2 * 4 * 8192)
+    assert memory.torchao_low_bit_state([(4097,)], bits=8) == (2 * 4097, 0)  # not whole blocks
+    assert memory.torchao_low_bit_state([(4224,)], bits=8) == (2 * 4224, 0)  # 4224 = 16.5 x 256
+    assert memory.torchao_low_bit_state([(4224,)], bits=4) == (2 * (33 + 16), 4 * 2 * 4224)
+    adamw = memory.state_bytes(memory.adamw_state_numbers([big]))
+    numbers, bits = memory.torchao_low_bit_state([big], bits=8)
+    assert memory.state_bytes(numbers, 4, bits) / adamw == pytest.approx(0.285, abs=1e-3)
+
+
+def test_every_peer_is_in_the_one_list_estimate_uses():
+    from adapprox_cli.analysis import PEER_OPTIMIZERS
+
+    keys = {p.key for p in PEER_OPTIMIZERS}
+    assert {"coap", "adalomo", "badam", "microadam", "soap", "shampoo", "fadam", "lion", "muon"} <= keys
+    assert {"torchao_adamw8bit", "torchao_adamw4bit"} <= keys
+    rows = {r.optimizer: r for r in estimate_preset("gpt2-124m").memory}
+    assert rows["fadam"].bytes == rows["adamw"].bytes
+    assert rows["soap"].saving_percent < 0 and rows["shampoo"].saving_percent < 0
+    assert rows["microadam"].bytes == pytest.approx(0.9 * 124_439_808, rel=1e-3)

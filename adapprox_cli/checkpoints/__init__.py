@@ -16,6 +16,7 @@ from adapprox_cli.checkpoints.core import (
     SECOND_MOMENT_KEY,
     OptimizerCheckpoint,
     ParamState,
+    check_declared_shapes,
     matrix_view_shape,
 )
 from adapprox_cli.checkpoints.formats import CheckpointFormat, checkpoint_format, registry
@@ -64,7 +65,9 @@ def load_checkpoint(
     if optimizer_index < 0:
         raise InputError(f"--optimizer-index must be >= 0, got {optimizer_index}")
     try:
-        return _load(path, trust_checkpoint, optimizer_index)
+        checkpoint = _load(path, trust_checkpoint, optimizer_index)
+        check_declared_shapes(checkpoint)
+        return checkpoint
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         # A container whose pieces are not what its format promises (edited, mixed or foreign
         # files). The cause stays chained for --debug.

@@ -8,6 +8,7 @@ true shape and, where it can be established without guessing, its name.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,9 +142,76 @@ class OptimizerCheckpoint:
         return root
 
 
+_DENSE_MOMENTS = ("exp_avg", SECOND_MOMENT_KEY, "max_exp_avg_sq")
+
+
+def check_declared_shapes(ck: OptimizerCheckpoint) -> None:
+    """Refuse a checkpoint whose declared parameter shapes its own state tensors contradict.
+
+    A shape comes from the file's metadata or the model beside the state; a state tensor with
+    another number of elements (``param_shapes`` saying 100000x100000 over 128 stored values)
+    cannot be analysed, converted or trained, so every command refuses it here, once.
+    """
+    for p in ck.params:
+        if not p.shape:
+            continue
+        numel = math.prod(p.shape)
+        declared = "x".join(map(str, p.shape))
+        for key in _DENSE_MOMENTS:
+            t = p.state.get(key)
+            if isinstance(t, torch.Tensor) and t.numel() != numel:
+                raise InputError(
+                    f"{ck.path}: parameter {p.name} is declared {declared} but its {key} holds {t.numel()} "
+                    "values; the file contradicts itself (re-copy or re-export it)"
+                )
+        q, u = (p.state.get(k) for k in FACTOR_KEYS)
+        if isinstance(q, torch.Tensor) and isinstance(u, torch.Tensor):
+            view = matrix_view_shape(p.shape)
+            if (
+                view is None
+                or q.dim() != 2
+                or u.dim() != 2
+                or (q.shape[0], u.shape[0]) != view
+                or q.shape[1] != u.shape[1]
+            ):
+                raise InputError(
+                    f"{ck.path}: parameter {p.name} is declared {declared} but its factors are "
+                    f"{list(q.shape)} and {list(u.shape)}; the file contradicts itself (re-copy or re-export it)"
+                )
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor's elements take (its view, not the whole storage)."""
     return t.numel() * t.element_size()
+
+
+def check_tensor_storage(t: torch.Tensor, what: str, source: Path | str) -> None:
+    """Refuse a tensor whose stored data does not back every element it claims.
+
+    ``torch.save`` keeps strides, so a few bytes can declare a 40000x40000 moment as an expanded
+    (stride-0) or overlapping view of a tiny storage; it loads with ``weights_only=True`` and
+    costs gigabytes the first time an analysis makes it contiguous. A real optimizer state is
+    never such a view: its elements are distinct and lie inside its storage.
+    """
+    if t.numel() == 0 or t.layout != torch.strided:
+        return
+    storage_elements = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz > 1)
+    extent = 1  # elements spanned by the dimensions seen so far, smallest stride first
+    overlapping = False
+    for stride, size in dims:
+        if stride < extent:
+            overlapping = True
+            break
+        extent = stride * (size - 1) + extent
+    last = t.storage_offset() + sum((sz - 1) * st for sz, st in zip(t.shape, t.stride(), strict=True))
+    if overlapping or t.storage_offset() < 0 or last >= storage_elements:
+        shape = "x".join(map(str, t.shape))
+        raise InputError(
+            f"{source}: {what} declares {shape} elements but stores only {storage_elements} "
+            f"({'an expanded or overlapping view' if overlapping else 'a view past its data'}); a real "
+            "optimizer state stores every element: re-save it from the optimizer"
+        )
 
 
 def optimizer_state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
@@ -217,7 +285,7 @@ def step_of(state: dict[str, Any]) -> int | None:
         return None
     try:
         return int(_scalar(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # not a number, NaN, or infinite
         return None
 
 

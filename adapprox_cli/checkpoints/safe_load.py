@@ -126,6 +126,22 @@ def check_readable_file(path: Path, what: str = "checkpoint") -> None:
         )
 
 
+def contained_path(root: Path, relative: str, source: Path) -> Path:
+    """``root / relative``, refused when it resolves outside ``root`` (``..``, absolute paths, links).
+
+    Index files (``model.safetensors.index.json``, DeepSpeed's ``latest``, DCP ``.metadata``) name
+    other files of the checkpoint; a downloaded one must not make adapprox open files elsewhere.
+    """
+    base = root.resolve()
+    target = (base / str(relative)).resolve()
+    if target != base and base not in target.parents:
+        raise InputError(
+            f"{source} names {str(relative)!r}, which lies outside {root}; refused without opening it "
+            "(re-copy the checkpoint from its source)"
+        )
+    return target
+
+
 def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
     allowed = _allowed_names()
     try:
@@ -144,12 +160,22 @@ def safe_torch_load(path: str | Path, *, trust_checkpoint: bool = False, mmap: b
     """
     path = Path(path)
     check_readable_file(path)
+    from adapprox_cli.checkpoints.formats.safetensors import is_safetensors
+
+    if is_safetensors(path):  # newer torch.load would hand it to the safetensors library
+        raise InputError(
+            f"{path} is a safetensors file, not a torch.save file; pass it to the commands that read "
+            "safetensors (inspect, spectrum, compare, estimate, convert), or the torch.save checkpoint"
+        )
     use_mmap = mmap and is_zip_checkpoint(path)
     try:
         if trust_checkpoint:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
-        with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)
+        else:
+            with torch.serialization.safe_globals(allowed_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        _refuse_inflated_tensors(obj, path)
+        return obj
     except pickle.UnpicklingError as exc:
         unsafe = [] if trust_checkpoint else _unsafe_globals(path, exc)
         if unsafe:
@@ -164,6 +190,35 @@ def safe_torch_load(path: str | Path, *, trust_checkpoint: bool = False, mmap: b
         raise InputError(
             f"{path} is not a readable torch.save file ({_first_line(exc)}); {_CORRUPT_FIX}"
         ) from None
+
+
+def _refuse_inflated_tensors(obj: Any, path: Path) -> None:
+    """Refuse a file holding a tensor that declares far more data than the file stores.
+
+    ``torch.save`` keeps strides, so an expanded (stride-0) or overlapping view of a few bytes
+    can declare gigabytes; whatever reads it later (a copy, ``.contiguous()``, an SVD) would
+    allocate them. Optimizer states are checked strictly where they are collected; here every
+    tensor of every loaded file is bounded by a small multiple of the file's size, which leaves
+    harmless expanded buffers alone.
+    """
+    limit = 4 * path.stat().st_size + (1 << 20)
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.layout == torch.strided and value.numel() * value.element_size() > limit:
+                storage = value.untyped_storage().nbytes()
+                if value.numel() * value.element_size() > storage:
+                    shape = "x".join(map(str, value.shape))
+                    raise InputError(
+                        f"{path}: tensor {where or '(top level)'} declares {shape} elements over {storage} stored "
+                        "bytes (an expanded or overlapping view); refused before anything reads it: re-save it "
+                        "with real data"
+                    )
+        elif depth < 64 and isinstance(value, Mapping):
+            stack += [(f"{where}.{k}" if where else str(k), v, depth + 1) for k, v in value.items()]
+        elif depth < 64 and isinstance(value, (list, tuple)):
+            stack += [(f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value)]
 
 
 _CORRUPT_FIX = "it may be truncated or corrupt, or not a PyTorch checkpoint: re-copy or re-save it"

@@ -17,6 +17,7 @@ from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import (
     OptimizerCheckpoint,
     ParamState,
+    check_tensor_storage,
     clean_param_groups,
     is_optimizer_state_dict,
     max_step,
@@ -40,6 +41,7 @@ def flat_entries(osd: dict, source: Path | str) -> list[FlatEntry]:
         raise InputError(
             f"{source} has no optimizer state dict with 'state' and 'param_groups'; pass an optimizer file"
         )
+    _check_param_keys(osd, source)
     entries = []
     for g, group in enumerate(osd["param_groups"]):
         for key in group["params"]:
@@ -50,6 +52,30 @@ def flat_entries(osd: dict, source: Path | str) -> list[FlatEntry]:
                 )
             entries.append(FlatEntry(key, g, {k: _as_tensor(k, v, key, source) for k, v in raw.items()}))
     return entries
+
+
+def _check_param_keys(osd: dict, source: Path | str) -> None:
+    """``params`` lists hold each parameter once: all int indices (torch) or all FQN strings (FSDP)."""
+    keys = []
+    for g, group in enumerate(osd["param_groups"]):
+        if not isinstance(group["params"], (list, tuple)):
+            raise InputError(
+                f"{source}: param group {g} lists its params as a {type(group['params']).__name__}"
+            )
+        keys += list(group["params"])
+    ints = all(type(k) is int and 0 <= k < 2**31 for k in keys)
+    strings = all(isinstance(k, str) for k in keys)
+    if keys and not (ints or strings):
+        bad = next(k for k in keys if not (type(k) is int and 0 <= k < 2**31) and not isinstance(k, str))
+        raise InputError(
+            f"{source}: param_groups list a parameter as {bad!r:.40}; an optimizer state dict lists int indices "
+            "(or FQN strings); re-save it from the optimizer"
+        )
+    if len(set(keys)) != len(keys):
+        repeated = next(k for k in keys if keys.count(k) > 1)
+        raise InputError(
+            f"{source}: param_groups list parameter {repeated!r:.40} more than once; re-save it from the optimizer"
+        )
 
 
 _MOMENT_KEYS = {
@@ -68,6 +94,8 @@ def _as_tensor(key: str, value: Any, param: int | str, source: Path | str) -> An
         return torch.tensor(float(value), dtype=torch.float32)
     if key in _MOMENT_KEYS and not isinstance(value, torch.Tensor):
         raise InputError(f"{source}: {key} of parameter {param!r} is a {type(value).__name__}, not a tensor")
+    if isinstance(value, torch.Tensor):
+        check_tensor_storage(value, f"{key} of parameter {param!r}", source)
     return value
 
 

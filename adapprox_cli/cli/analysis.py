@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from adapprox_cli.analysis import common_name_prefix
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import (
-    CheckpointPath,
+    CheckpointPaths,
     DeviceOption,
     DtypeOption,
     JsonOption,
@@ -29,10 +30,21 @@ from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
 
-_OptionalPath = Annotated[
-    Path | None,
+_OptionalPaths = Annotated[
+    list[Path] | None,
     typer.Argument(
-        help="A checkpoint file or directory (as for spectrum); omit with --shapes.", show_default=False
+        help="A checkpoint, several, or a run directory (as for spectrum); omit with --shapes.",
+        show_default=False,
+        metavar="PATH...",
+    ),
+]
+_CsvOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--csv",
+        help="Also write the tables as CSV: to PATH when there is one, else one file per table "
+        "beside it (out.csv: out-errors.csv, out-summary.csv, ...).",
+        show_default=False,
     ),
 ]
 _Oversample = Annotated[int, typer.Option("--oversample", min=0, help="Extra sketch columns p.")]
@@ -57,6 +69,20 @@ _AdamMiniDefault = Annotated[
 # --------------------------------------------------------------------------- shared plumbing
 
 
+class _AnalysisCommand(TyperCommand):
+    """Usage reads ``adapprox compare [OPTIONS] PATH...`` (typer would print ``{PATH}...``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or (param.name or "").upper()
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
 def _show_progress(json_output: bool) -> bool:
     from adapprox_cli.render import stderr_console
 
@@ -66,15 +92,28 @@ def _show_progress(json_output: bool) -> bool:
 @contextlib.contextmanager
 def _progress(description: str, enabled: bool) -> Iterator[Any]:
     """A bar on stderr driven by the library's ``progress(done, total, name)`` callback."""
-    from adapprox_cli.render import progress
+    from adapprox_cli.render import progress, safe_text
 
     with progress(enabled) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(safe_text(description), total=None)
 
         def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{description} {name}".rstrip())
+            bar.update(
+                task, completed=done, total=total, description=safe_text(f"{description} {name}".rstrip())
+            )
 
         yield update
+
+
+@contextlib.contextmanager
+def _about(path: Path) -> Iterator[None]:
+    """Errors about one parameter's moment name the checkpoint file too."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def _load(path: Path, trust_checkpoint: bool, optimizer_index: int, json_output: bool) -> Any:
@@ -128,12 +167,175 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+class _CsvTables:
+    """The tables a command prints, kept to be written as CSV files when --csv asks for them."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.prefix = ""
+        self.tables: list[tuple[str, list[str], list[tuple[str, ...]]]] = []
+
+    def start(self, path: Path | None) -> None:
+        if path is not None and not path.expanduser().parent.is_dir():
+            raise InputError(f"--csv {path}: the folder {path.parent} does not exist; create it first")
+        self.path, self.prefix, self.tables = path, "", []
+
+    def add(self, name: str, t: Any) -> None:
+        if self.path is not None:
+            headers = [str(c.header) for c in t.columns]
+            self.tables.append((self.prefix + name, headers, list(zip(*(_cells(c) for c in t.columns)))))
+
+    def write(self) -> None:
+        import csv
+
+        from adapprox_cli.atomic_io import atomic_write
+        from adapprox_cli.render import info
+
+        if self.path is None or not self.tables:
+            return
+        path = self.path.expanduser()
+        for name, headers, rows in self.tables:
+            target = (
+                path
+                if len(self.tables) == 1
+                else path.with_name(f"{path.stem}-{name}{path.suffix or '.csv'}")
+            )
+
+            def write(temporary: Path, headers: list[str] = headers, rows: list = rows) -> None:
+                with temporary.open("w", newline="", encoding="utf-8") as handle:
+                    writer = csv.writer(handle)
+                    writer.writerow(headers)
+                    writer.writerows(rows)
+
+            info(f"wrote {atomic_write(target, write)}")
+        self.tables = []
+
+
+_CSV = _CsvTables()
+
+
+# --------------------------------------------------------------------------- one checkpoint or a run
+
+
+def _analyse(
+    paths: list[Path],
+    kind: str,
+    analyse: Callable[[Any, Path, str], Any],
+    render: Callable[[Any], None],
+    *,
+    json_output: bool,
+    plot: Path | None,
+    trust_checkpoint: bool,
+    optimizer_index: int,
+) -> None:
+    """One checkpoint as before, or every stage of a run one at a time, then a summary across them.
+
+    ``analyse(checkpoint, path, progress_label)`` computes one stage's report. A lone checkpoint
+    path keeps the single-report output (and JSON shape); a run directory or several paths give
+    a table per stage, a summary and ``{"stages": [...]}`` JSON. A stage that fails is reported
+    in one line and the others go on; the exit code is then 2.
+    """
+    from adapprox_cli.analysis import analyse_run
+    from adapprox_cli.checkpoints.runs import find_stages
+    from adapprox_cli.render import print_json, warn
+
+    found = find_stages(paths, trust_checkpoint=trust_checkpoint)
+    given = paths[0].expanduser()
+    if len(paths) == 1 and len(found.stages) == 1 and found.stages[0].path == given:
+        report = analyse(_load(given, trust_checkpoint, optimizer_index, json_output), given, kind)
+        if json_output:
+            print_json(report.to_dict())
+        else:
+            render(report)
+        _CSV.write()
+        _plot(kind, report, plot)
+        return
+    for path, why in found.skipped:
+        warn(f"{path}: skipped ({why})")
+    label = {"text": kind}
+
+    def on_stage(i: int, total: int, stage: Any) -> None:
+        label["text"] = f"stage {i}/{total} {kind}"
+
+    def on_result(i: int, total: int, result: Any) -> None:
+        if result.report is None:
+            _print_stage_error(f"stage {i}/{total} failed: {result.error}")
+        elif not json_output:
+            from adapprox_cli.render import stdout_console
+
+            step = "" if result.step is None else f" (step {result.step})"
+            stdout_console().rule(f"stage {i}/{total}: {result.path}{step}", align="left")
+            _CSV.prefix = f"stage{i}-"
+            render(result.report)
+            _CSV.prefix = ""
+
+    run = analyse_run(
+        found.stages,
+        lambda path: _load(path, trust_checkpoint, optimizer_index, json_output),
+        lambda checkpoint, path: analyse(checkpoint, path, label["text"]),
+        kind=kind,
+        skipped=found.skipped,
+        on_stage=on_stage,
+        on_result=on_result,
+    )
+    if json_output:
+        print_json(run.to_dict())
+    else:
+        _render_trends(run)
+    _CSV.write()
+    if plot is not None and any(s.report is not None for s in run.stages):
+        _plot(f"{kind}_run", run, plot)
+    if run.failed:
+        raise typer.Exit(2)
+
+
+def _print_stage_error(message: str) -> None:
+    from adapprox_cli.render import stderr_console
+
+    stderr_console().print(f"[red]Error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _trend_value(quantity: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if quantity == "bytes":
+        return f"{int(value):,}"
+    if quantity.startswith("rank"):
+        return str(int(value))
+    return _num(value, 4)
+
+
+def _render_trends(run: Any) -> None:
+    from adapprox_cli.render import stdout_console, table
+
+    stages = [s for s in run.stages]
+    headers = [f"step {s.step}" if s.step is not None else Path(s.path).name for s in stages]
+    prefix = common_name_prefix([t.name for t in run.trends if not t.name.startswith("all matrices")])
+    rows = []
+    previous = None
+    # A peer's memory depends on the shapes only: the same at every stage, so not worth a row here.
+    hidden = [t for t in run.trends if t.quantity == "bytes" and not t.name.startswith(("Adapprox", "AdamW"))]
+    for t in (t for t in run.trends if t not in hidden):
+        name = t.name.removeprefix(prefix) if t.name != previous else ""
+        previous = t.name
+        change = "-" if t.change is None else f"x{t.change:.2f}"
+        rows.append((name, t.quantity, *(_trend_value(t.quantity, v) for v in t.values), change, t.direction))
+    title = f"{run.kind} across {len(stages)} stages" + (f" (names under {prefix})" if prefix else "")
+    columns = ["name", "quantity", *headers, "last / first", "trend"]
+    stdout_console().rule("summary", align="left")
+    _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="trends")
+    if hidden:
+        stdout_console().print(f"{len(hidden)} peer optimizers' memory (the same at every stage): --json")
+    if run.failed:
+        stdout_console().print(f"{len(run.failed)} of {len(stages)} stages failed to read (shown as -)")
+
+
 # --------------------------------------------------------------------------- spectrum
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def spectrum(
-    path: CheckpointPath,
+    path: CheckpointPaths,
     top: Annotated[
         int, typer.Option("--top", min=1, help="How many leading singular values to report.")
     ] = 60,
@@ -154,6 +356,7 @@ def spectrum(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -166,6 +369,8 @@ def spectrum(
     relative error of 0.1/0.05/0.01 needs. With the default --method auto, large matrices
     get one randomized sketch of width --top + --oversample: ranks beyond it print as >W
     (use --method gram for exact ones). --plot draws the Adapprox paper's Figure 1.
+    Given a run directory or several checkpoints, every stage is analysed in training order,
+    then summarised across stages (--plot: energy and stable rank against the step).
 
     Examples:
 
@@ -178,29 +383,36 @@ def spectrum(
     from adapprox_cli.analysis import spectrum_report
 
     _check_plot(plot)
-    checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
-    moments = _moments(checkpoint, params, moment)
-    with _progress("spectrum", _show_progress(json_output)) as update:
-        report = spectrum_report(
-            moments,
-            top=top,
-            method=method,
-            oversample=oversample,
-            power_iters=iters,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            progress=update,
-        )
-    report.settings["moment"] = moment
-    report.settings["path"] = str(path)
-    if json_output:
-        from adapprox_cli.render import print_json
+    _CSV.start(csv)
 
-        print_json(report.to_dict())
-    else:
-        _render_spectrum(report)
-    _plot("spectrum", report, plot)
+    def analyse(checkpoint: Any, path: Path, label: str) -> Any:
+        moments = _moments(checkpoint, params, moment)
+        with _about(path), _progress(label, _show_progress(json_output)) as update:
+            report = spectrum_report(
+                moments,
+                top=top,
+                method=method,
+                oversample=oversample,
+                power_iters=iters,
+                dtype=dtype,
+                device=device,
+                seed=seed,
+                progress=update,
+            )
+        report.settings["moment"] = moment
+        report.settings["path"] = str(path)
+        return report
+
+    _analyse(
+        path,
+        "spectrum",
+        analyse,
+        _render_spectrum,
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
 
 
 def _render_spectrum(report: Any) -> None:
@@ -226,7 +438,7 @@ def _render_spectrum(report: Any) -> None:
     console = stdout_console()
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
     title = f"Spectrum of the {what} moment" + (f" (names under {prefix})" if prefix else "")
-    _print_table(_wrapping(table(title, columns, rows)))
+    _print_table(_wrapping(table(title, columns, rows)), name="spectrum")
     notes = [f"{len(report.matrices)} matrices"]
     if report.skipped:
         notes.append(f"{len(report.skipped)} vectors/scalars skipped")
@@ -246,36 +458,127 @@ def _wrapping(t: Any) -> Any:
     return t
 
 
-def _print_table(t: Any) -> None:
-    """A table on stdout; into a pipe or file at its natural width, never squeezed to 80 columns."""
-    from rich.console import Console
-    from rich.measure import Measurement
+def _print_table(t: Any, *, name: str = "table") -> None:
+    """A table on stdout within the terminal's width (or COLUMNS when set).
+
+    Numbers are never cut: the name column folds first, and when the numeric columns still do
+    not fit they are split over several tables that repeat the leading text columns. Into a pipe
+    without COLUMNS a table keeps its natural width: one line per row, for grep and awk.
+    """
+    import os
 
     from adapprox_cli.render import stdout_console
 
+    _CSV.add(name, t)
     console = stdout_console()
-    if not console.is_terminal:
-        needed = Measurement.get(console, console.options.update_width(1000), t).maximum
-        if needed > console.width:
-            console = Console(highlight=False, width=needed)
-    console.print(t)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        parts = _fit_columns(t, console.width)
+    else:
+        parts = [t]
+        width = _natural_width(t)
+        if width > console.width:
+            from rich.console import Console
+
+            console = Console(highlight=False, width=width)
+    for part in parts:
+        console.print(part)
+
+
+# Box-drawn tables spend 3 characters per column (a border and one space each side) and 1 more.
+_PER_COLUMN, _EDGE = 3, 1
+_MIN_NAME = 14
+
+
+def _natural_width(t: Any) -> int:
+    widths = [max([len(str(c.header)), *(len(x) for x in _cells(c))]) for c in t.columns]
+    return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+
+def _cells(column: Any) -> list[str]:
+    return [str(c) for c in column._cells]
+
+
+def _fit_columns(t: Any, width: int) -> list[Any]:
+    from rich.table import Table
+
+    columns = list(t.columns)
+    keys = next((i for i, c in enumerate(columns) if c.justify != "left"), len(columns)) or 1
+    need = []
+    for c in columns:
+        longest_cell = max((len(x) for x in _cells(c)), default=0)
+        longest_word = max((len(w) for w in str(c.header).split()), default=0)
+        need.append(max(longest_cell, longest_word))
+    natural = [max(n, len(str(c.header))) for n, c in zip(need, columns)]
+
+    def total(widths: list[int]) -> int:
+        return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+    if total(natural) <= width:
+        return [t]
+    name_min = min(natural[0], _MIN_NAME)
+    if keys < len(columns) and total([name_min, *natural[1:]]) > width:
+        # Splitting anyway: let each part keep whole names where the widest column allows.
+        widest = max(need[keys:])
+        name_min = max(name_min, min(natural[0], width - total([0, *need[1:keys], widest])))
+    fixed = [name_min, *need[1:keys]]
+
+    def split(widths: list[int]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        for i in range(keys, len(columns)):
+            if chunks and total(fixed + [widths[j] for j in chunks[-1]] + [widths[i]]) <= width:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    # Whole headers when they cost no extra part; else headers wrap at their spaces.
+    chunks = split(natural)
+    if len(chunks) > len(split(need)) or any(total(fixed + [natural[j] for j in c]) > width for c in chunks):
+        chunks = split(need)
+    else:
+        need = [*need[:keys], *natural[keys:]]
+    parts = []
+    for n, chunk in enumerate(chunks, 1):
+        chosen = list(range(keys)) + chunk
+        spare = width - total([need[j] for j in chosen])
+        widths = {j: need[j] for j in chosen}
+        widths[0] = max(name_min, min(natural[0], need[0] + spare))
+        title = t.title if len(chunks) == 1 else f"{t.title} (part {n}/{len(chunks)})"
+        part = Table(title=title, title_justify="left", header_style="bold")
+        for j in chosen:
+            c = columns[j]
+            part.add_column(
+                c.header,
+                justify=c.justify,
+                width=widths[j],
+                no_wrap=False,
+                overflow="fold",
+            )
+        for row in zip(*(_cells(columns[j]) for j in chosen)):
+            part.add_row(*row)
+        parts.append(part)
+    return parts
 
 
 # --------------------------------------------------------------------------- compare
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def compare(
-    path: CheckpointPath,
+    path: CheckpointPaths,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank k of the low-rank methods.")] = 5,
     oversample: _Oversample = 5,
     iters: _Iters = 5,
     methods: Annotated[
         str,
-        typer.Option("--methods", help=f"Comma-separated: {', '.join(METHODS)}."),
+        typer.Option(
+            "--methods",
+            help=f"Comma-separated, default all of: {', '.join(METHODS)}.",
+            show_default=False,
+        ),
     ] = ",".join(METHODS),
     long: Annotated[
-        bool, typer.Option("--long", help="One row per matrix and method, with every number.")
+        bool, typer.Option("--long", help="One row per matrix and method, with every number.", metavar="")
     ] = False,
     num_heads: _NumHeads = None,
     adam_mini_default: _AdamMiniDefault = "row",
@@ -283,6 +586,7 @@ def compare(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -293,7 +597,9 @@ def compare(
     For every matrix and method: relative error ||V - V~||_F / ||V||_F, numbers stored and
     time; the error divided by the optimum, the exact truncated SVD at --rank (Eckart-Young),
     and for methods storing at most m + n numbers also by the rank-1 SVD's error. The last
-    table weights every matrix by its size. --plot draws the paper's Figure 2.
+    table weights every matrix by its size. --plot draws the paper's Figure 2. Given a run
+    directory or several checkpoints, every stage is compared in training order, then each
+    error is followed across stages (--plot: error against the training step, per method).
 
     Examples:
 
@@ -302,36 +608,64 @@ def compare(
         adapprox compare out/ckpt.pt --rank 1 --methods svd,srsi,adafactor --plot compare.png
 
         adapprox compare checkpoint-500/ --params 'mlp' --json > compare.json
+
+        adapprox compare output_dir/ --rank 5 --plot error-over-training.png
     """
     from adapprox_cli.analysis import compare_methods
 
     _check_plot(plot)
+    _CSV.start(csv)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
-    moments = _moments(checkpoint, params)
-    heads = num_heads or _num_heads(checkpoint)
-    with _progress("compare", _show_progress(json_output)) as update:
-        report = compare_methods(
-            moments,
-            names,
-            rank=rank,
-            oversample=oversample,
-            power_iters=iters,
-            num_heads=heads,
-            adam_mini_default=adam_mini_default,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            progress=update,
-        )
-    report.settings["path"] = str(path)
-    if json_output:
-        from adapprox_cli.render import print_json
 
-        print_json(report.to_dict())
-    else:
-        _render_compare(report, long)
-    _plot("compare", report, plot)
+    def analyse(checkpoint: Any, path: Path, label: str) -> Any:
+        moments = _moments(checkpoint, params)
+        heads = num_heads or _num_heads(checkpoint)
+        with _about(path), _progress(label, _show_progress(json_output)) as update:
+            report = compare_methods(
+                moments,
+                names,
+                rank=rank,
+                oversample=oversample,
+                power_iters=iters,
+                num_heads=heads,
+                adam_mini_default=adam_mini_default,
+                dtype=dtype,
+                device=device,
+                seed=seed,
+                progress=update,
+            )
+        report.settings["path"] = str(path)
+        _warn_dense_is_smaller(report, rank)
+        return report
+
+    _analyse(
+        path,
+        "compare",
+        analyse,
+        lambda report: _render_compare(report, long),
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
+
+
+def _warn_dense_is_smaller(report: Any, rank: int) -> None:
+    """At a large --rank the factors k (m + n) outgrow the dense m x n state they approximate."""
+    from adapprox_cli.render import warn
+
+    larger = {
+        r.name: r.matrix_shape
+        for r in report.rows
+        if r.rank == rank and r.numbers_stored > r.matrix_shape[0] * r.matrix_shape[1]
+    }
+    if larger:
+        name, shape = next(iter(larger.items()))
+        warn(
+            f"--rank {rank}: {len(larger)} of {len(report.matrices)} matrices store more numbers as factors "
+            f"than as the dense second moment (e.g. {name} {format_shape(shape)}: "
+            f"{rank} x ({shape[0]} + {shape[1]}) > {shape[0] * shape[1]}); try a smaller --rank"
+        )
 
 
 def _long_row(r: Any) -> tuple:
@@ -374,7 +708,9 @@ def _render_compare(report: Any, long: bool) -> None:
             "seconds",
         ]
         rows = [_long_row(r) for r in report.rows]
-        _print_table(table("Approximation error per matrix and method", columns, rows, right_from=2))
+        _print_table(
+            table("Approximation error per matrix and method", columns, rows, right_from=2), name="errors"
+        )
     else:
         prefix = common_name_prefix(report.matrices)
         cells = {(r.name, r.method): r for r in report.rows}
@@ -387,7 +723,9 @@ def _render_compare(report: Any, long: bool) -> None:
         title = f"Relative error ||V - V~||_F / ||V||_F (rank {rank}" + (
             f"; names under {prefix})" if prefix else ")"
         )
-        _print_table(_wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)))
+        _print_table(
+            _wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)), name="errors"
+        )
         console.print("per-matrix ratios to the optimum, numbers stored and times: --long or --json")
     columns = ["method", "rel. error", "/ optimum", "/ rank-1 opt.", "numbers stored", "seconds"]
     rows = [
@@ -401,15 +739,17 @@ def _render_compare(report: Any, long: bool) -> None:
         )
         for s in report.summary
     ]
-    _print_table(table(f"All {len(report.matrices)} matrices (means weighted by size)", columns, rows))
+    _print_table(
+        table(f"All {len(report.matrices)} matrices (means weighted by size)", columns, rows), name="summary"
+    )
 
 
 # --------------------------------------------------------------------------- estimate
 
 
-@app.command()
+@app.command(cls=_AnalysisCommand)
 def estimate(
-    path: _OptionalPath = None,
+    path: _OptionalPaths = None,
     tol: Annotated[
         list[float] | None,
         typer.Option(
@@ -432,6 +772,15 @@ def estimate(
             help="A preset instead of a checkpoint: gpt2-124m, gpt2-355m, gpt2-774m, gpt2-1.5b or llama-7b.",
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Plan from a Hugging Face config.json (or its folder) instead of a checkpoint: llama, "
+            "mistral, qwen2, qwen3, gpt2 or gpt_neox, any size.",
+            show_default=False,
+        ),
+    ] = None,
     galore_rank: Annotated[int, typer.Option("--galore-rank", min=1, help="GaLore's projection rank.")] = 128,
     rule: Annotated[
         str,
@@ -449,6 +798,7 @@ def estimate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     json_output: JsonOption = False,
+    csv: _CsvOption = None,
     plot: PlotOption = None,
     seed: SeedOption = 0,
     trust_checkpoint: TrustOption = False,
@@ -459,35 +809,83 @@ def estimate(
     From a checkpoint: per matrix, the rank adaptive S-RSI picks at each --tol and the error
     reached; then the state memory of AdamW, Adapprox with and without first moment, Adafactor,
     CAME, Adam-mini, SMMF and GaLore, in the file's state dtype, and the % saved vs AdamW.
-    With --shapes no checkpoint is needed: memory at fixed ranks (default k_max and 1, the two
-    ends of the paper's range).
+    With --shapes (a preset) or --config (a Hugging Face config.json) no checkpoint is needed:
+    memory at fixed ranks (default k_max and 1, the two ends of the paper's range), and the
+    total of weights, gradients and state at fp32, bf16 with fp32 master and pure bf16.
+    Given a run directory or several checkpoints, ranks and memory are followed over training.
 
     Examples:
 
         adapprox estimate out/ckpt.pt --tol 0.1 --tol 0.05 --tol 0.01 --plot memory.png
 
         adapprox estimate --shapes gpt2-124m --rank 192 --rank 1
+
+        adapprox estimate --config path/to/Qwen3-8B/config.json --rank 8
+
+        adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
     """
     from adapprox_cli.analysis import estimate_memory, estimate_preset
     from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 
     _check_plot(plot)
-    if (path is None) == (shapes is None):
-        raise InputError("give a checkpoint PATH or --shapes PRESET (one of them)")
-    if shapes is not None:
-        if tol or rank_max or params:
-            raise InputError("--tol, --rank-max and --params need a checkpoint; with --shapes use --rank")
-        report = estimate_preset(
-            shapes,
-            tuple(rank) if rank else (None, 1),
-            galore_rank=galore_rank,
-            adam_mini_default=adam_mini_default,
-        )
-    else:
-        checkpoint = _load(path, trust_checkpoint, optimizer_index, json_output)
+    _CSV.start(csv)
+    sibling_path = path[0] if config is not None and path and len(path) == 1 else None
+    if sum((bool(path) and sibling_path is None, shapes is not None, config is not None)) != 1:
+        raise InputError("give a checkpoint PATH or --shapes PRESET or --config config.json (one of them)")
+    if shapes is not None or config is not None:
+        flag = "--shapes" if shapes is not None else "--config"
+        if (tol and sibling_path is None) or rank_max or params:
+            raise InputError(
+                f"--tol, --rank-max and --params need a checkpoint; with {flag} use --rank "
+                "(or --config with the checkpoint of a smaller sibling for --tol)"
+            )
+        ranks = tuple(rank) if rank else (None, 1)
+        if shapes is not None:
+            report = estimate_preset(
+                shapes, ranks, galore_rank=galore_rank, adam_mini_default=adam_mini_default
+            )
+        else:
+            from adapprox_cli.analysis import estimate_config
+            from adapprox_cli.model_shapes import load_config
+
+            sibling = None
+            if sibling_path is not None:
+                # Ranks measured on a smaller model of the same family, carried over per matrix kind.
+                checkpoint = _load(sibling_path, trust_checkpoint, optimizer_index, json_output)
+                with _progress("sibling ranks", _show_progress(json_output)) as update:
+                    sibling = estimate_memory(
+                        _moments(checkpoint, None),
+                        tolerances=tol or (0.05,),
+                        galore_rank=galore_rank,
+                        dtype=dtype,
+                        device=device,
+                        seed=seed,
+                        source=str(sibling_path),
+                        progress=update,
+                    )
+                del checkpoint
+            report = estimate_config(
+                load_config(config),
+                str(config),
+                ranks,
+                galore_rank=galore_rank,
+                adam_mini_default=adam_mini_default,
+                sibling=sibling,
+            )
+        if json_output:
+            from adapprox_cli.render import print_json
+
+            print_json(report.to_dict())
+        else:
+            _render_estimate(report)
+        _CSV.write()
+        _plot("estimate", report, plot)
+        return
+
+    def analyse(checkpoint: Any, source: Path, label: str) -> Any:
         moments = _moments(checkpoint, params)
-        with _progress("estimate", _show_progress(json_output)) as update:
-            report = estimate_memory(
+        with _about(source), _progress(label, _show_progress(json_output)) as update:
+            return estimate_memory(
                 moments,
                 tolerances=tol or (DEFAULT_TOL,),
                 rank_max=rank_max,
@@ -502,17 +900,21 @@ def estimate(
                 dtype=dtype,
                 device=device,
                 seed=seed,
-                source=str(path),
+                source=str(source),
                 progress=update,
                 sketch_columns=DENSE_SKETCH_COLUMNS,  # the state the default optimizer keeps
             )
-    if json_output:
-        from adapprox_cli.render import print_json
 
-        print_json(report.to_dict())
-    else:
-        _render_estimate(report)
-    _plot("estimate", report, plot)
+    _analyse(
+        path,
+        "estimate",
+        analyse,
+        _render_estimate,
+        json_output=json_output,
+        plot=plot,
+        trust_checkpoint=trust_checkpoint,
+        optimizer_index=optimizer_index,
+    )
 
 
 def _state_bytes_per_number(checkpoint: Any) -> int:
@@ -522,7 +924,7 @@ def _state_bytes_per_number(checkpoint: Any) -> int:
 
 
 def _render_estimate(report: Any) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table
 
     console = stdout_console()
     if report.matrices:
@@ -534,16 +936,61 @@ def _render_estimate(report: Any) -> None:
             cells = [f"{m.ranks[t]}{'*' if m.capped[t] else ''} ({m.errors[t]:.3g})" for t in tols]
             rows.append((m.name.removeprefix(prefix), format_shape(m.matrix_shape), m.rank_max, *cells))
         title = f"Adaptive ranks ({report.rule} rule)" + (f"; names under {prefix}" if prefix else "")
-        _print_table(_wrapping(table(title, columns, rows, right_from=2)))
+        _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="ranks")
         if any(any(m.capped.values()) for m in report.matrices):
             console.print("* k_max reached before the tolerance (raise it with --rank-max)")
     columns = ["optimizer", "setting", "state", "bytes", "saved vs AdamW"]
     rows = [
-        [r.label, r.setting, human_bytes(r.bytes), f"{r.bytes:,}", f"{r.saving_percent:.2f}%"]
+        [r.label, r.setting, human_bytes(r.bytes), f"{r.bytes:,}", _saving(r.saving_percent)]
         for r in report.memory
     ]
     console.print(
-        f"{report.source}: {report.parameters:,} parameters, optimizer state in "
+        safe_text(report.source) + f": {report.parameters:,} parameters, optimizer state in "
         f"{report.bytes_per_number}-byte values"
     )
-    _print_table(table("Optimizer-state memory", columns, rows, right_from=2))
+    _print_table(table("Optimizer-state memory", columns, rows, right_from=2), name="memory")
+    if report.totals:
+        _render_totals(report)
+    console.print(_verdict(report))
+
+
+def _render_totals(report: Any) -> None:
+    from adapprox_cli.analysis import PRECISIONS
+    from adapprox_cli.render import human_bytes, stdout_console, table
+
+    columns = ["optimizer", "setting", *PRECISIONS]
+    rows = [
+        [t["label"], t["setting"], *(human_bytes(t["bytes"][p]) for p in PRECISIONS)] for t in report.totals
+    ]
+    title = "Weights + gradients + optimizer state (activations not counted)"
+    _print_table(table(title, columns, rows, right_from=2), name="totals")
+    stdout_console().print(
+        "fp32: 4-byte weights, gradients and state; bf16 + fp32 master: 2-byte weights and gradients, "
+        "a 4-byte master copy and state; pure bf16: 2 bytes everywhere"
+    )
+
+
+def _saving(percent: float) -> str:
+    # SOAP and Shampoo store more than AdamW: say so rather than print a negative saving.
+    return f"{percent:.2f}%" if percent >= 0 else f"{-percent:.2f}% more"
+
+
+def _verdict(report: Any) -> str:
+    """One line: what Adapprox keeps against AdamW at each setting, and the smallest state listed."""
+    from adapprox_cli.render import human_bytes
+
+    adamw = next(r for r in report.memory if r.optimizer == "adamw")
+    without_m = {r.setting: r for r in report.memory if r.optimizer == "adapprox_no_m"}
+    parts = []
+    for r in (r for r in report.memory if r.optimizer == "adapprox"):
+        share = f"{100 - r.saving_percent:.1f}%"
+        lean = without_m.get(r.setting)
+        lean_share = f" (beta1=0: {100 - lean.saving_percent:.1f}%)" if lean else ""
+        parts.append(f"{r.setting} keeps {human_bytes(r.bytes)}, {share} of AdamW's{lean_share}")
+    smallest = min(report.memory, key=lambda r: r.bytes)
+    name = f"{smallest.label} {smallest.setting}".strip()
+    return (
+        f"Verdict: AdamW keeps {human_bytes(adamw.bytes)}; Adapprox at "
+        + "; at ".join(parts)
+        + f". Smallest here: {name}, {human_bytes(smallest.bytes)}."
+    )

@@ -28,9 +28,11 @@ def debug_enabled() -> bool:
 
 def _print_error(message: str) -> None:
     # Imported lazily: rich is only needed when something goes wrong or is rendered.
-    from adapprox_cli.render import stderr_console
+    from adapprox_cli.render import safe_text, stderr_console
 
-    stderr_console().print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    stderr_console().print(
+        f"[bold red]Error:[/] {safe_text(message)}", markup=True, highlight=False, soft_wrap=True
+    )
 
 
 def _plain_params(params: list) -> list:

@@ -87,6 +87,10 @@ def convert_command(
             check_at_least(value, 1, option)
     if beta1 is not None:
         check_beta(beta1)
+    if verify:  # the input's own checksums first: a flipped byte would be converted faithfully
+        from adapprox_cli.checkpoints.integrity import check_integrity
+
+        check_integrity(path)
     settings = {"rank_max": rank_max, "first_moment": first_moment, "seed": seed}
     with callback_progress("factoring", show_progress(json_output)) as update:
         report = convert_checkpoint(
@@ -113,7 +117,7 @@ def convert_command(
 
 
 def _render(report) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table, warn
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn
 
     console = stdout_console()
     rows = [
@@ -135,6 +139,6 @@ def _render(report) -> None:
         + (f"; largest error {report.max_error:.4f}" if report.max_error is not None else "")
     )
     verified = " (verified)" if report.verified else ""
-    console.print(f"wrote [bold]{report.output}[/] ({report.output_format}){verified}")
+    console.print(f"wrote [bold]{safe_text(report.output)}[/] ({report.output_format}){verified}")
     for message in report.warnings:
         warn(message)

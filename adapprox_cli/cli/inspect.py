@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import (
@@ -35,6 +37,13 @@ def inspect_command(
     json_output: JsonOption = False,
     trust_checkpoint: TrustOption = False,
     optimizer_index: OptimizerIndexOption = 0,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Also verify the CRC-32 of every member of zip torch.save files (reads every byte).",
+        ),
+    ] = False,
 ) -> None:
     """Show a checkpoint's format, optimizer, step, param groups, parameters and state memory.
 
@@ -48,8 +57,15 @@ def inspect_command(
     """
     from adapprox_cli.checkpoints import describe_checkpoint, load_checkpoint
 
+    integrity = None
+    if check:
+        from adapprox_cli.checkpoints.integrity import check_integrity
+
+        integrity = check_integrity(path)
     checkpoint = load_checkpoint(path, trust_checkpoint=trust_checkpoint, optimizer_index=optimizer_index)
     info = describe_checkpoint(checkpoint, params)
+    if integrity is not None:
+        info["integrity"] = integrity.to_dict()
     if json_output:
         from adapprox_cli.render import print_json
 
@@ -59,10 +75,10 @@ def inspect_command(
 
 
 def _render(info: dict[str, Any]) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table, warn
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn
 
     console = stdout_console()
-    console.print(f"[bold]{info['path']}[/]")
+    console.print(f"[bold]{safe_text(info['path'])}[/]")
     console.print(
         f"format [cyan]{info['format']}[/]   optimizer [cyan]{info['optimizer']}[/]   "
         f"step [cyan]{info['step'] if info['step'] is not None else '-'}[/]"
@@ -93,13 +109,24 @@ def _render(info: dict[str, Any]) -> None:
         [f"state {next(iter(keys))}"] if len(keys) == 1 else []
     )
     if common:
-        console.print("every parameter: " + ", ".join(common))
+        console.print(safe_text("every parameter: " + ", ".join(common)))
     analysed = info["analysed"]
     console.print(
         f"{info['num_params']} parameters ({info['num_params_with_state']} with state); "
         f"{analysed['count']} second moments analysed as matrices, {analysed['skipped']} skipped (vectors, scalars "
         f"or no state); optimizer state {human_bytes(info['total_state_bytes'])}; names from {info['names_source']}"
     )
+    integrity = info.get("integrity")
+    if integrity is not None:
+        members = sum(integrity["checked"].values())
+        console.print(
+            safe_text(f"CRC-32 intact: {members} members of {len(integrity['checked'])} zip file(s)")
+            + (
+                safe_text(f"; no checksums in {', '.join(integrity['unchecked'])}")
+                if integrity["unchecked"]
+                else ""
+            )
+        )
     for message in info["warnings"]:
         warn(message)
 

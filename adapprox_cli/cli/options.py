@@ -18,6 +18,16 @@ CheckpointPath = Annotated[
         show_default=False,
     ),
 ]
+# spectrum, compare and estimate read one checkpoint or a whole run, one stage at a time.
+CheckpointPaths = Annotated[
+    list[Path],
+    typer.Argument(
+        help=f"A checkpoint ({_FORMAT_LIST}), several, or a run directory holding them "
+        "(checkpoint-N/, *step=N.ckpt, numbered files): analysed stage by stage in training order.",
+        show_default=False,
+        metavar="PATH...",
+    ),
+]
 ParamsRegex = Annotated[
     str | None,
     typer.Option("--params", help="Only parameters whose name matches this regular expression (re.search)."),
@@ -34,7 +44,10 @@ DtypeOption = Annotated[
 ]
 JsonOption = Annotated[
     bool,
-    typer.Option("--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr)."),
+    # metavar "": a flag takes no value, so the help shows no "<bool>" after it.
+    typer.Option(
+        "--json", help="Print machine-readable JSON on stdout (logs and progress go to stderr).", metavar=""
+    ),
 ]
 PlotOption = Annotated[Path | None, typer.Option("--plot", help="Write a figure to this PNG file.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for the random test matrices.")]
@@ -44,6 +57,7 @@ TrustOption = Annotated[
         "--trust-checkpoint",
         help="Allow pickled Python objects outside the safe allowlist. This runs code from the file: "
         "only for checkpoints you made yourself.",
+        metavar="",
     ),
 ]
 OptimizerIndexOption = Annotated[

@@ -184,10 +184,10 @@ def train_command(
     """Resume training from a checkpoint; an AdamW state is converted to Adapprox on the fly.
 
     The learning-rate schedule (warmup + cosine) continues from the checkpoint's iter_num and
-    config (see --lr for an ended one). Ctrl-C saves a checkpoint at the next step boundary and
-    exits; run the same command with --resume (or train the saved ckpt.pt: it records its data)
-    to continue exactly where it stopped. Under torchrun every process trains a replica (DDP)
-    and only rank 0 writes.
+    config (see --lr for an ended one). Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next
+    step boundary and exits with 130 or 143; run the same command with --resume (or train the saved
+    ckpt.pt: it records its data) to continue exactly where it stopped. Under torchrun every
+    process trains a replica (DDP) and only rank 0 writes.
 
     Examples:
 
@@ -251,26 +251,29 @@ def train_command(
             results = compare_optimizers(config, [compare], callback=progress.update)
         else:
             results = {optimizer: train(config, lambda record: progress.update(optimizer, record))}
-    if not master:
-        return
-    if plot is None and compare:
-        plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
-    if plot is not None:
-        plot_loss_curves(results, plot)
-    verdict = comparison_verdict(results) if compare else None
-    if json_output:
-        from adapprox_cli.render import print_json
+    if master:
+        if plot is None and compare:
+            plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
+        if plot is not None:
+            plot_loss_curves(results, plot)
+        verdict = comparison_verdict(results) if compare else None
+        if json_output:
+            from adapprox_cli.render import print_json
 
-        # One shape with or without --compare: a list of runs, the first the --optimizer one.
-        print_json(
-            {
-                "runs": [_summary(result) for result in results.values()],
-                "verdict": verdict,
-                "plot": str(plot) if plot is not None else None,
-            }
-        )
-        return
-    _render(results, plot, verdict)
+            # One shape with or without --compare: a list of runs, the first the --optimizer one.
+            print_json(
+                {
+                    "runs": [_summary(result) for result in results.values()],
+                    "verdict": verdict,
+                    "plot": str(plot) if plot is not None else None,
+                }
+            )
+        else:
+            _render(results, plot, verdict)
+    # Stopped by SIGINT/SIGTERM: the checkpoint is saved, but `train && next` must not carry on.
+    stopped = next((r.stop_signal for r in results.values() if r.stop_signal), None)
+    if stopped:
+        raise typer.Exit(128 + int(stopped))
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -308,7 +311,7 @@ class _Progress:
         self.bar.__exit__(*exc)
 
     def update(self, name: str, record: dict[str, Any]) -> None:
-        from adapprox_cli.render import human_bytes
+        from adapprox_cli.render import human_bytes, safe_text
 
         event = record.get("event")
         if event == "start":
@@ -332,11 +335,11 @@ class _Progress:
                 f"{name} iter {record['iter']}: train loss {record['train']:.4f}, val loss {record['val']:.4f}"
             )
         elif event == "save":
-            self.bar.console.print(f"{name} iter {record['iter']}: saved {record['path']}")
+            self.bar.console.print(safe_text(f"{name} iter {record['iter']}: saved {record['path']}"))
 
 
 def _render(results: dict[str, Any], plot: Path | None, verdict: str | None) -> None:
-    from adapprox_cli.render import human_bytes, stdout_console, table, warn
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn
 
     console = stdout_console()
     adamw_bytes = next(
@@ -380,11 +383,11 @@ def _render(results: dict[str, Any], plot: Path | None, verdict: str | None) -> 
         if r.interrupted:
             warn(f"{name}: interrupted at iteration {r.end_iter}")
         for path in r.checkpoints[-1:]:
-            console.print(f"{name}: checkpoint [bold]{path}[/]")
+            console.print(f"{name}: checkpoint [bold]{safe_text(path)}[/]")
         if r.metrics_path is not None:
-            console.print(f"{name}: metrics [bold]{r.metrics_path}[/]")
+            console.print(f"{name}: metrics [bold]{safe_text(r.metrics_path)}[/]")
     if plot is not None:
-        console.print(f"loss curves: [bold]{plot}[/]")
+        console.print(f"loss curves: [bold]{safe_text(plot)}[/]")
     if verdict is not None:
         console.print(verdict)
 

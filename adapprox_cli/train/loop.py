@@ -132,6 +132,7 @@ class TrainResult:
     ranks: dict[str, int] | None = None
     checkpoints: list[str] = field(default_factory=list)
     interrupted: bool = False
+    stop_signal: int | None = None  # SIGINT/SIGTERM that stopped the run (it saved first)
     conversion: ConversionReport | None = None
     source_optimizer: str | None = None
     device: str = "cpu"
@@ -236,7 +237,29 @@ def _read_container(path: Path, trust_checkpoint: bool) -> tuple[Path, dict[str,
             f"{path} holds no model weights ({keys}); adapprox train resumes nanoGPT-layout checkpoints "
             "(a dict with model, optimizer, model_args, iter_num, config); convert other formats first"
         )
+    check_resumable(path, container)
     return path, container
+
+
+def check_resumable(path: Path, container: dict[str, Any]) -> None:
+    """Refuse a damaged container before anything is built from it: the optimizer state (values,
+    shapes against the stored weights, hyper-parameters), the weights' storage and iter_num."""
+    from adapprox_cli.checkpoints.core import check_tensor_storage
+    from adapprox_cli.checkpoints.formats.nanogpt import is_nanogpt, load_nanogpt
+    from adapprox_cli.checkpoints.validate import require_sound_state
+
+    model = container.get("model")
+    if isinstance(model, dict):
+        for key, value in model.items():
+            if isinstance(value, torch.Tensor):
+                check_tensor_storage(value, f"model weight {key}", path)
+    iter_num = container.get("iter_num", 0)
+    if isinstance(iter_num, torch.Tensor) and iter_num.numel() == 1:
+        iter_num = iter_num.item()
+    if isinstance(iter_num, bool) or not isinstance(iter_num, (int, float)) or not 0 <= iter_num < 2**53:
+        raise InputError(f"{path}: iter_num is {iter_num!r}; a resumable checkpoint has a count >= 0")
+    if is_nanogpt(container) and container.get("optimizer") is not None:
+        require_sound_state(load_nanogpt(path, container), "train")
 
 
 def _load_factory(spec: str) -> nn.Module:
@@ -270,11 +293,24 @@ def _build_model(config: TrainConfig, container: dict[str, Any], source: str) ->
             raise InputError(
                 f"{source} has no model_args; pass --model package.module:factory to build the model yourself"
             )
+        # model_args are checked against the stored weights on the meta device first: a 5 MB file
+        # must not make us allocate the 3.7 GB model its model_args claim.
+        with torch.device("meta"):
+            skeleton = gpt_from_model_args(container["model_args"], source=source)
+        state = model_state_from_checkpoint(container, source)
+        _check_weights_fit(config, state, skeleton.state_dict(), source)
         model = gpt_from_model_args(container["model_args"], source=source)
     else:
         model = _load_factory(config.model)
     state = model_state_from_checkpoint(container, source)
-    expected = model.state_dict()
+    _check_weights_fit(config, state, model.state_dict(), source)
+    model.load_state_dict(state)
+    return model.float()
+
+
+def _check_weights_fit(
+    config: TrainConfig, state: dict[str, Any], expected: dict[str, Any], source: str
+) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -290,8 +326,59 @@ def _build_model(config: TrainConfig, container: dict[str, Any], source: str) ->
         )
         what = f"the model from {config.model}" if config.model else "the GPT built from model_args"
         raise InputError(f"{source}: the checkpoint weights do not fit {what} ({details})")
-    model.load_state_dict(state)
-    return model.float()
+
+
+def _check_batch_fits(
+    source: str, batch_size: int, block_size: int, train_tokens: int, model: nn.Module, device: str
+) -> None:
+    """Refuse a micro-batch larger than the training data, or one whose activations cannot fit.
+
+    ``config.batch_size`` comes from the checkpoint (a downloaded file may say 200000). The
+    estimate is a lower bound of what one forward and backward pass keeps (fp32: about 16 values
+    per token and layer for the block, 2 per head and position for attention, logits and their
+    gradient), so what it refuses would not have fitted.
+    """
+    if batch_size < 1:
+        raise InputError(f"{source}: batch size {batch_size}; pass --batch-size N with N >= 1")
+    tokens = batch_size * block_size
+    if tokens > max(train_tokens, 1):
+        raise InputError(
+            f"{source}: a micro-batch of {batch_size} x {block_size} tokens is larger than the "
+            f"{train_tokens} training tokens; pass a smaller --batch-size (and --grad-accum for the same step size)"
+        )
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    per_token = 4 * (cfg.n_layer * (16 * cfg.n_embd + 2 * cfg.n_head * block_size) + 2 * cfg.vocab_size)
+    needed = tokens * per_token
+    available = _available_memory(device)
+    if available is not None and needed > available:
+        from adapprox_cli.render import human_bytes
+
+        raise InputError(
+            f"{source}: batch size {batch_size} x {block_size} tokens needs about {human_bytes(needed)} of "
+            f"activations, more than the {human_bytes(available)} available on {device}; pass a smaller "
+            "--batch-size (and --grad-accum for the same step size)"
+        )
+
+
+def _available_memory(device: str) -> int | None:
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    limits = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:  # an address-space cap (ulimit -v): what is left of it
+            status = Path("/proc/self/status").read_text()
+            used = next(int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmSize:"))
+            limits.append(max(soft - used, 0))
+    return min(limits) if limits else None
 
 
 def _saved_kind(state_dict: dict[str, Any] | None) -> str | None:
@@ -563,10 +650,14 @@ def _forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     )
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers send before a kill
+
+
 @contextlib.contextmanager
-def _stop_on_sigint(enabled: bool) -> Iterator[dict[str, bool]]:
-    """Ctrl-C sets a flag the loop checks at each step boundary; a second Ctrl-C interrupts at once."""
-    flag = {"stop": False}
+def _stop_on_signals(enabled: bool) -> Iterator[dict[str, Any]]:
+    """SIGINT or SIGTERM sets a flag the loop checks at each step boundary (it then saves and
+    stops, and ``stop_signal`` records which); a second one interrupts at once."""
+    flag: dict[str, Any] = {"stop": False, "signal": None}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -574,13 +665,14 @@ def _stop_on_sigint(enabled: bool) -> Iterator[dict[str, bool]]:
     def handler(signum: int, frame: Any) -> None:
         if flag["stop"]:
             raise KeyboardInterrupt
-        flag["stop"] = True
+        flag["stop"], flag["signal"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -690,6 +782,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     batch_size = config.batch_size or int(ckpt_config.get("batch_size", _DEFAULT_BATCH_SIZE))
     data_dir, text = _data_source(config, checkpoint_path, ckpt_config)
     train_data, val_data, vocab_size = _load_data(data_dir, text)
+    _check_batch_fits(source, batch_size, block_size, len(train_data), model, device)
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size is not None and model_vocab is not None and vocab_size > model_vocab:
         raise InputError(
@@ -860,7 +953,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
     step_seconds = 0.0
     interrupted = False
     try:
-        with _stop_on_sigint(config.handle_signals) as stop:
+        with _stop_on_signals(config.handle_signals) as stop:
             if eval_interval > 0:
                 evaluate(iter_num)
             while iter_num < end_iter:
@@ -933,6 +1026,7 @@ def _train(config: TrainConfig, callback: Callback | None, dist_info: _Dist) -> 
             ranks=ranks,
             checkpoints=written,
             interrupted=interrupted,
+            stop_signal=stop["signal"] if interrupted else None,
             conversion=conversion,
             source_optimizer=source_kind,
             device=device,

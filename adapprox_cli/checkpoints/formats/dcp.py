@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -116,9 +117,66 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
     return ck
 
 
+_COMPRESSION_ALLOWANCE = 256
+
+
+def check_storage(path: Path, md: Any) -> None:
+    """Refuse metadata that points outside the directory, past a data file's end, or that declares
+    a tensor larger than the bytes stored for it.
+
+    DCP opens ``relative_path`` as given (``../../../../etc/passwd`` included) and allocates each
+    tensor from its declared size before reading a byte: both are checked here first, so a
+    100-byte ``.metadata`` cannot cost a 40 GB ``torch.empty``.
+    """
+    root = path.resolve()
+    sizes: dict[str, int] = {}
+    stored: dict[str, int] = {}  # bytes on disk per tensor
+    bound: dict[str, int] = {}  # the most those bytes can decode to
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        relative = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(relative, str) or type(offset) is not int or type(length) is not int:
+            raise InputError(f"{path / METADATA_FILE}: a storage entry is malformed; re-copy the directory")
+        target = (root / relative).resolve()
+        if target.parent != root or not target.name.endswith(".distcp"):
+            raise InputError(
+                f"{path / METADATA_FILE} points a tensor at {relative!r}, outside the checkpoint directory; "
+                "refused without opening it (re-copy the directory from its source)"
+            )
+        if relative not in sizes:
+            sizes[relative] = target.stat().st_size if target.is_file() else -1
+        if sizes[relative] < 0:
+            raise InputError(f"{path}: data file {relative} is missing; re-copy the whole directory")
+        if offset < 0 or length < 0 or offset + length > sizes[relative]:
+            raise InputError(
+                f"{path / relative} is shorter than its metadata says ({sizes[relative]} bytes, an entry ends "
+                f"at {offset + length}): truncated copy; re-copy the directory"
+            )
+        fqn = getattr(index, "fqn", None)
+        # Entries written through a transform (compression) may hold fewer bytes than the tensor:
+        # allow a generous ratio there, none for plain entries.
+        ratio = _COMPRESSION_ALLOWANCE if getattr(info, "transform_descriptors", None) else 1
+        stored[fqn] = stored.get(fqn, 0) + length
+        bound[fqn] = bound.get(fqn, 0) + length * ratio
+    for key, meta in md.state_dict_metadata.items():
+        size = getattr(meta, "size", None)
+        if size is None:
+            continue
+        dtype = meta.properties.dtype
+        needed = math.prod(int(d) for d in size) * torch.empty((), dtype=dtype).element_size()
+        if needed > bound.get(key, 0):
+            shape = "x".join(str(int(d)) for d in size)
+            raise InputError(
+                f"{path / METADATA_FILE} declares {key} as {shape} ({needed} bytes) but the directory stores "
+                f"{stored.get(key, 0)} bytes for it: the metadata does not match the data; re-copy the directory"
+            )
+
+
 def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
+    check_storage(path, md)
     wanted: dict[str, Any] = {}
     for keys in layout.state.values():
         for key in keys.values():
@@ -137,11 +195,23 @@ def _load(path: Path, md: Any, layout: _Layout) -> dict[str, Any]:
             )
     except InputError:
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:
+        # CheckpointException derives from BaseException: ``except Exception`` alone misses it.
         raise InputError(
-            f"{path}: reading the DCP data failed ({type(exc).__name__}: {exc}); re-copy the directory"
-        ) from None
+            f"{path}: reading the DCP data failed ({_failure(exc)}); re-copy the directory"
+        ) from exc
     return wanted
+
+
+def _failure(exc: BaseException) -> str:
+    """The first real error inside a CheckpointException (it wraps one per rank), in one line."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+        if isinstance(exc, tuple) and exc:  # (exception, traceback) in some torch versions
+            exc = exc[0]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _empty_like_metadata(meta: Any) -> Any:

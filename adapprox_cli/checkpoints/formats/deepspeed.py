@@ -33,7 +33,7 @@ from adapprox_cli.checkpoints.core import (
     state_dtype,
 )
 from adapprox_cli.checkpoints.formats import CheckpointFormat
-from adapprox_cli.checkpoints.safe_load import safe_torch_load
+from adapprox_cli.checkpoints.safe_load import contained_path, safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError, UnsupportedStateError
 from adapprox_cli.formatting import natural_key
@@ -57,8 +57,8 @@ def resolve_step_dir(path: Path) -> Path | None:
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag = latest.read_text().strip()
-        if tag and _has_model_states(path / tag):
+        tag = latest.read_text(errors="replace").strip()
+        if tag and _has_model_states(contained_path(path, tag, latest)):
             return path / tag
     steps = sorted(
         (int(m.group(1)), d)

@@ -18,7 +18,7 @@ from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint
 from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.formats.safetensors import load_safetensors_lazy
-from adapprox_cli.checkpoints.safe_load import safe_torch_load
+from adapprox_cli.checkpoints.safe_load import contained_path, safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
 from adapprox_cli.errors import InputError
 
@@ -36,6 +36,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not readable JSON ({exc}); re-copy the checkpoint directory") from None
+    except RecursionError:
+        raise InputError(
+            f"{path} is JSON nested too deeply to be a checkpoint file; re-copy the checkpoint directory"
+        ) from None
 
 
 def load_hf_trainer(path: Path, *, trust_checkpoint: bool = False) -> OptimizerCheckpoint:
@@ -110,7 +114,7 @@ def model_files(path: Path, stem: str = "model") -> list[Path]:
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map", {})
-        return sorted({path / f for f in weight_map.values()})
+        return sorted({contained_path(path, f, index) for f in weight_map.values()})
     for name in (f"{stem}.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             return [path / name]

@@ -10,7 +10,9 @@ of strings: ``format`` = "adapprox-optimizer-v1", ``optimizer`` ("adamw" | "adap
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -89,15 +91,54 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{path} has a corrupt safetensors header ({exc}); {_FIX}") from None
+        except RecursionError:
+            raise InputError(
+                f"{path} has a safetensors header nested too deeply to be one (a real header is a flat "
+                f"object of tensors); {_FIX}"
+            ) from None
     if not isinstance(header, dict):
         raise InputError(f"{path} has a corrupt safetensors header (not a JSON object); {_FIX}")
     metadata = header.pop("__metadata__", None) or {}
-    data_len = size - 8 - n
-    for name, info in header.items():
-        begin, end = info.get("data_offsets", (0, -1))
-        if not 0 <= begin <= end <= data_len:
-            raise InputError(f"{path}: tensor {name!r} lies outside the file (truncated?); {_FIX}")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: the safetensors __metadata__ is not a map of strings; {_FIX}")
+    _check_layout(path, header, size - 8 - n)
     return header, metadata
+
+
+def _check_layout(path: Path, header: dict, data_len: int) -> None:
+    """Every tensor's bytes are exactly what its dtype and shape need, inside the file, and no two
+    tensors share bytes (the rules the safetensors library itself enforces)."""
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise InputError(f"{path}: header entry {name!r} is not a tensor description; {_FIX}")
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and isinstance(shape, list)
+            and all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise InputError(f"{path}: tensor {name!r} has malformed shape or data_offsets; {_FIX}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise InputError(
+                f"{path}: the header places tensor {name!r} outside the file's data (truncated?); {_FIX}"
+            )
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is not None:
+            needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if needed != end - begin:
+                raise InputError(
+                    f"{path}: the header declares tensor {name!r} as {info.get('dtype')} {shape} "
+                    f"({needed} bytes) but gives it {end - begin} bytes; {_FIX}"
+                )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise InputError(f"{path}: tensors {a!r} and {b!r} overlap in the file (corrupt header); {_FIX}")
 
 
 _FIX = "re-copy or re-export the file"
