@@ -47,13 +47,15 @@ from adapprox_cli.formatting import dtype_name, format_shape
 from adapprox_cli.lowrank import (
     is_factored,
     matrix_view_shape,
+    moment_sketch,
+    moment_sketch_test_matrix,
     rank_cap,
     relative_error,
     seeded_generator,
     settled_rank,
     srsi,
 )
-from adapprox_cli.optim import Adapprox
+from adapprox_cli.optim import DEFAULT_TOL, Adapprox
 from adapprox_cli.validation import check_tol
 
 __all__ = [
@@ -220,7 +222,7 @@ def _reconstruction_error(v: Tensor, q: Tensor, u: Tensor) -> float:
 def adamw_to_adapprox(
     state_dict: Mapping[str, Any],
     *,
-    tol: float = 0.05,
+    tol: float = DEFAULT_TOL,
     rank: int | None = None,
     beta1: float | None = None,
     names: Mapping[int, str] | None = None,
@@ -233,7 +235,10 @@ def adamw_to_adapprox(
 
     Args:
         state_dict: ``optimizer.state_dict()`` of AdamW or Adam (not modified).
-        tol: the adaptive-rank error target; also stored as the groups' ``tol``.
+        tol: the largest relative distance (Frobenius) of the stored second moment to AdamW's;
+            each matrix is factored at the smallest rank whose exact error of exp_avg_sq is
+            within it, with the exact sketch S = D_0 Omega, and stored as the groups' ``tol`` (the
+            optimizer's default rank_rule then holds that distance to the dense EMA).
         rank: factor every matrix at this fixed rank (clamped to its k_max) instead.
         beta1: override the first-moment decay; 0 drops ``exp_avg``.
         names, shapes: optional names and parameter shapes by saved index, for the report and a
@@ -384,6 +389,11 @@ def _adapprox_param_state(
         q.to(compute_dtype).contiguous(),
         u.to(compute_dtype).contiguous(),
     )
+    if group["rank_rule"] == "dense":
+        # The optimizer's sketch of the dense EMA starts exact, S = D_0 Omega (with its own Omega
+        # for this flat position), so tol bounds the distance to AdamW's moment from step one.
+        omega = moment_sketch_test_matrix(m, n, seed=group["seed"], index=position, dtype=torch.float64)
+        new["exp_avg_sq_sketch"] = moment_sketch(matrix, omega).to(compute_dtype).contiguous()
     error = _reconstruction_error(matrix, new["exp_avg_sq_q"], new["exp_avg_sq_u"])
     return new, MatrixConversion(int(pid), name, shape, q.shape[1], k_max, error)
 
@@ -660,7 +670,7 @@ def convert_checkpoint(
     *,
     to: str | None = None,
     output_format: str = "auto",
-    tol: float = 0.05,
+    tol: float = DEFAULT_TOL,
     rank: int | None = None,
     beta1: float | None = None,
     force: bool = False,

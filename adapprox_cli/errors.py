@@ -21,6 +21,11 @@ class UnsupportedStateError(InputError):
     """The optimizer state is not one adapprox reads (SGD, Adafactor, 8-bit, sharded pieces...)."""
 
 
+class StateMismatchError(InputError, ValueError):
+    """An optimizer state that does not fit the parameters it is loaded into (a ValueError, as
+    ``torch.optim.Optimizer.load_state_dict`` raises for a mismatched state dict)."""
+
+
 class OutputError(InputError, OSError):
     """An output could not be written (no space, no permission, a target it must not replace).
 

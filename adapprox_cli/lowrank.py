@@ -32,13 +32,19 @@ __all__ = [
     "adaptive_rank",
     "as_rsi",
     "default_rank_max",
+    "dense_ema_rank",
+    "dense_sketch",
+    "dense_sketch_test_matrix",
     "is_factored",
     "matrix_view_shape",
+    "moment_sketch",
+    "moment_sketch_test_matrix",
     "rank_cap",
     "relative_error",
     "relative_errors_from_singular_values",
     "seeded_generator",
     "settled_rank",
+    "sketched_distances",
     "sm3_cover",
     "smmf_rank1",
     "square_matricize_shape",
@@ -46,6 +52,7 @@ __all__ = [
     "srsi_batched",
     "svd_lowrank",
     "truncated_svd",
+    "update_dense_sketch",
 ]
 
 
@@ -143,18 +150,26 @@ def rank_cap(m: int, n: int, rank_max: int | None = None) -> int:
     return default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
 
 
+# [decided] Matrices with fewer entries than this keep a dense second moment: factoring one
+# saves at most about 20 numbers (a 5 x 5 stores 10 instead of 25) and costs an S-RSI every step.
+MIN_FACTORED_NUMEL = 32
+
+
 def is_factored(shape: tuple[int, ...] | torch.Size, rank_max: int | None = None) -> bool:
     """Whether a parameter of this shape keeps its second moment as low-rank factors.
 
     [decided] 2-D weights, and >2-D ones viewed as (shape[0], prod(shape[1:])), but only when
-    factors at k_max store fewer numbers than the dense matrix: k_max (m + n) < m n. Biases,
-    norms, scalars and tiny matrices keep a dense ``exp_avg_sq``.
+    factors at k_max store fewer numbers than the dense matrix, k_max (m + n) < m n, and the
+    matrix has at least ``MIN_FACTORED_NUMEL`` (32) entries. Biases, norms, scalars and tiny
+    matrices keep a dense ``exp_avg_sq``. (The dense-EMA sketch of ``rank_rule="dense"`` adds
+    4 min(m, n) numbers; it is not part of this rule, so that which matrices are factored does
+    not depend on the rank rule.)
     """
     view = matrix_view_shape(shape)
     if view is None:
         return False
     m, n = view
-    return rank_cap(m, n, rank_max) * (m + n) < m * n
+    return m * n >= MIN_FACTORED_NUMEL and rank_cap(m, n, rank_max) * (m + n) < m * n
 
 
 def square_matricize_shape(numel: int) -> tuple[int, int]:
@@ -659,3 +674,166 @@ def sm3_cover(v: Tensor) -> Tensor:
     row_max = v.amax(dim=1, keepdim=True)
     col_max = v.amax(dim=0, keepdim=True)
     return torch.minimum(row_max, col_max)
+
+
+# --------------------------------------------------------------------------- rank rule: distance to the dense EMA
+#
+# [decided] The paper's AS-RSI bounds one step's truncation error of the rebuilt
+# V_t = beta2 max(Q U^T, 0) + (1 - beta2) G^2. Each step re-truncates a V rebuilt from the previous
+# truncation, so errors compound: the factored moment drifts ~2x tol from the dense EMA
+# D_t = beta2 D_{t-1} + (1 - beta2) G_t^2 that Adam would hold (benchmarks/bench_tol.py). The rule
+# below targets ||max(Q_r U_r^T, 0) - D_t||_F / ||D_t||_F itself, estimated from a small exact
+# sketch S_t = D_t Omega of the dense EMA: Omega is a fixed (n, c) Gaussian, regenerated from a
+# seed each step (never stored), and S_t = beta2 S_{t-1} + (1 - beta2) (G_t * G_t) Omega costs one
+# (m, n) x (n, c) product and c * m numbers of state (c = 4: two ranks' worth for a square matrix).
+
+DENSE_SKETCH_COLUMNS = 4
+# Steps count from 1 and convert keys by position only: -1 is a key neither draws with.
+DENSE_SKETCH_KEY = -1
+
+
+def dense_sketch_test_matrix(
+    n: int,
+    columns: int = DENSE_SKETCH_COLUMNS,
+    *,
+    seed: int,
+    keys: tuple[int, ...] = (),
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Omega (n, columns): standard Gaussian, a pure function of (seed, *keys).
+
+    The same Omega must multiply every gradient of a sketch's life, so it is drawn from
+    ``seeded_generator`` each time it is needed instead of being stored. The optimizer's keys
+    are (parameter index, DENSE_SKETCH_KEY): no step (it is fixed for the run) and a key no step
+    or ``convert`` draw uses, so Omega is independent of every S-RSI test matrix.
+    """
+    _check_rank(columns, "columns")
+    generator = seeded_generator(seed, *keys, device=device)
+    return torch.randn(n, columns, generator=generator, dtype=dtype, device=device)
+
+
+def dense_sketch(v: Tensor, omega: Tensor) -> Tensor:
+    """S = V @ Omega: the sketch of a known dense moment (at convert, or of clamp(Q U^T, 0) on load)."""
+    v = _check_matrix(v)
+    if omega.ndim != 2 or omega.shape[0] != v.shape[1]:
+        raise ValueError(f"omega must have shape ({v.shape[1]}, c), got {tuple(omega.shape)}")
+    return v @ omega.to(v.dtype)
+
+
+def moment_sketch_test_matrix(
+    m: int, n: int, *, seed: int, index: int, dtype: torch.dtype = torch.float32, device="cpu"
+) -> Tensor:
+    """The optimizer's Omega for parameter ``index`` (flat position) of an m x n matrix.
+
+    (max(m, n), DENSE_SKETCH_COLUMNS), keys (index, DENSE_SKETCH_KEY): the sketch lives on the
+    smaller side (``moment_sketch``), so it stores DENSE_SKETCH_COLUMNS * min(m, n) numbers.
+    ``convert`` and the optimizer both call this: a converted sketch continues in the optimizer.
+    Drawn in float32 whatever ``dtype`` (then cast), so a float32 state loaded into a float64
+    model keeps the Omega its sketch was made with.
+    """
+    omega = dense_sketch_test_matrix(max(m, n), seed=seed, keys=(index, DENSE_SKETCH_KEY), device=device)
+    return omega.to(dtype)
+
+
+def moment_sketch(d: Tensor, omega: Tensor) -> Tensor:
+    """The optimizer's sketch of a dense moment D (m x n): D Omega, or D^T Omega when m > n."""
+    return (d.mT if d.shape[-2] > d.shape[-1] else d) @ omega.to(d.dtype)
+
+
+def update_dense_sketch(sketch: Tensor, grad: Tensor, omega: Tensor, beta2: float) -> Tensor:
+    """S <- beta2 S + (1 - beta2) (G * G) @ Omega, in place: the dense EMA's sketch, exactly.
+
+    Linear in D, so S_t = D_t @ Omega for every t whatever the factored moment does.
+    """
+    return sketch.addmm_(grad.square(), omega, beta=beta2, alpha=1.0 - beta2)
+
+
+def sketched_distances(
+    sketch: Tensor,
+    q: Tensor,
+    u: Tensor,
+    omega: Tensor,
+    *,
+    dense_frobenius_sq: Tensor | float | None = None,
+) -> Tensor:
+    """Estimated ||D - Q_r U_r^T||_F / ||D||_F for r = 1..s, from S = D @ Omega.
+
+    With P = U^T Omega (s, c), A = Q^T S and S_perp = S - Q A (Q orthonormal), the sketched
+    residual splits into orthogonal parts with no cancellation:
+
+        ||S - Q_r P_r||^2 = ||S_perp||^2 + sum_{i<=r} ||a_i - p_i||^2 + sum_{i>r} ||a_i||^2.
+
+    For a Gaussian Omega, E ||X Omega||_F^2 = c ||X||_F^2. The denominator is ||S||_F (the
+    sketch's own estimate of ||D||_F) unless ``dense_frobenius_sq`` is given, then
+    sqrt(c * dense_frobenius_sq): an exact or near-exact norm removes the denominator's noise
+    (a non-negative D is dominated by one direction, so ||D Omega||^2 is close to a chi^2 with c
+    degrees of freedom). The clamp max(., 0) is ignored: it only moves entries towards the
+    non-negative D, so the clamped factors are at most this far. Computed in float64 (the
+    matrices are (m, c) and (s, c)).
+
+    To keep the smaller sketch (c * min(m, n) numbers) of a tall V, sketch V^T instead:
+    S = D^T Omega (Omega (m, c)) and pass (S, U / singular values, Q * singular values, Omega),
+    the roles of the two factors swapped (U's columns are orthogonal with norms the singular
+    values).
+    """
+    if q.ndim != 2 or u.ndim != 2 or q.shape[1] != u.shape[1]:
+        raise ValueError(f"q and u must be (m, s) and (n, s), got {tuple(q.shape)} and {tuple(u.shape)}")
+    if sketch.shape != (q.shape[0], omega.shape[1]) or omega.shape[0] != u.shape[0]:
+        raise ValueError(
+            f"sketch {tuple(sketch.shape)} and omega {tuple(omega.shape)} do not fit factors "
+            f"{tuple(q.shape)}, {tuple(u.shape)}: expected ({q.shape[0]}, c) and ({u.shape[0]}, c)"
+        )
+    return _sketched_distances(sketch, q, u, omega, dense_frobenius_sq)
+
+
+def _sketched_distances(
+    sketch: Tensor, q: Tensor, u: Tensor, omega: Tensor, dense_frobenius_sq: Tensor | float | None
+) -> Tensor:
+    """Unchecked ``sketched_distances`` on one matrix or a stack (leading batch dimensions), with
+    no host synchronisation: the optimizer reads the result once per step with every other choice."""
+    s64, q64 = sketch.double(), q.double()
+    a = q64.mT @ s64
+    p = u.double().mT @ omega.double()
+    perp_sq = torch.linalg.matrix_norm(s64 - q64 @ a).square()[..., None]
+    head = torch.cumsum((a - p).square().sum(dim=-1), -1)
+    a_sq = a.square().sum(dim=-1)
+    tail = a_sq.flip(-1).cumsum(-1).flip(-1) - a_sq  # sum_{i>r}, r = 1..s
+    residual = (perp_sq + head + tail.clamp(min=0.0)).sqrt()
+    if dense_frobenius_sq is None:
+        norm = torch.linalg.matrix_norm(s64)
+    else:
+        total = torch.as_tensor(dense_frobenius_sq, dtype=torch.float64, device=residual.device)
+        norm = (total * omega.shape[-1]).sqrt()
+    norm = norm[..., None]
+    # A zero dense moment: any zero factor reproduces it, anything else is infinitely far.
+    zero = torch.where(residual == 0, torch.zeros_like(residual), torch.full_like(residual, math.inf))
+    return torch.where(norm > 0, residual / torch.where(norm > 0, norm, torch.ones_like(norm)), zero)
+
+
+def dense_ema_rank(
+    distances: Tensor | list[float],
+    current_rank: int,
+    *,
+    rank_min: int,
+    rank_max: int,
+    oversample: int,
+    tol: float,
+    jump: bool = False,
+) -> int:
+    """The smallest r in [rank_min, top] whose estimated distance to the dense EMA is <= tol.
+
+    top = min(current_rank + oversample, rank_max), as in ``adaptive_rank`` (a rank grows by at
+    most p per evaluation, so a step's sketch width k + p covers every candidate); with ``jump``
+    top = rank_max ([decided] departure from the paper's gradual growth, for the first
+    evaluation of a fresh or just-converted/loaded state; the caller must then have sketched at
+    width rank_max so that ``distances`` reaches it). If none qualifies: top.
+    """
+    return adaptive_rank(
+        distances,
+        current_rank,
+        rank_min=rank_min,
+        rank_max=rank_max,
+        oversample=rank_max if jump else oversample,
+        tol=tol,
+    )

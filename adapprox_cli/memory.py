@@ -70,11 +70,15 @@ def adapprox_state_numbers(
     *,
     first_moment: bool = True,
     rank_max: int | None = None,
+    sketch_columns: int = 0,
 ) -> int:
     """Numbers Adapprox stores: N if first_moment, k (m + n) per factored matrix, dense otherwise.
 
     rank: one rank for every factored matrix (clamped to that matrix's k_max), a mapping from
     the shape's position in ``shapes`` to its rank, or None for k_max everywhere.
+    sketch_columns: the dense-EMA sketch each factored matrix also keeps, ``sketch_columns``
+    x min(m, n) numbers: ``lowrank.DENSE_SKETCH_COLUMNS`` for the optimizer's default
+    ``rank_rule="dense"``, 0 (the default) for the paper's accounting and ``rank_rule="step"``.
     """
     total = 0
     for i, shape in enumerate(shapes):
@@ -90,7 +94,7 @@ def adapprox_state_numbers(
                 k = rank.get(i, k_max)
             else:
                 k = min(int(rank), k_max)
-            total += k * (m + n)
+            total += k * (m + n) + sketch_columns * min(m, n)
         else:
             total += numel
     return total
@@ -102,11 +106,14 @@ def state_size(
     *,
     first_moment: bool = True,
     rank_max: int | None = None,
+    sketch_columns: int = 0,
 ) -> dict[str, float]:
     """Adapprox vs AdamW state for these shapes: numbers stored and the saving in percent."""
     shapes = [tuple(s) for s in shapes]
     adamw = adamw_state_numbers(shapes)
-    ours = adapprox_state_numbers(shapes, rank, first_moment=first_moment, rank_max=rank_max)
+    ours = adapprox_state_numbers(
+        shapes, rank, first_moment=first_moment, rank_max=rank_max, sketch_columns=sketch_columns
+    )
     return {
         "adamw_numbers": adamw,
         "adapprox_numbers": ours,

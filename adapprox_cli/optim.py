@@ -29,19 +29,30 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adapprox_cli.defaults import DEFAULT_TOL
+from adapprox_cli.errors import StateMismatchError
 from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported as optim.is_factored
+    _frobenius_sq,
+    _sketched_distances,
     _srsi,
     _srsi_batched,
-    adaptive_rank,
     default_rank_max,
+    dense_ema_rank,
     is_factored,
     matrix_view_shape,
+    moment_sketch,
+    moment_sketch_test_matrix,
     seeded_generator,
 )
 
-__all__ = ["Adapprox", "adapprox", "is_factored"]
+__all__ = ["DEFAULT_TOL", "Adapprox", "adapprox", "is_factored"]
 
 _FIRST_MOMENT_MODES = ("update", "gradient")
+# "dense": the rank bounds the distance to the dense EMA Adam would hold (default, [decided]);
+# "step": the paper-shaped rule that bounds one step's truncation of the rebuilt V (kept to compare).
+_RANK_RULES = ("dense", "step")
+# State entries that hold the second moment: kept in the compute dtype whatever they were saved in.
+_SECOND_MOMENT_KEYS = ("exp_avg_sq", "exp_avg_sq_q", "exp_avg_sq_u", "exp_avg_sq_sketch")
 _FIRST_MOMENT_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -90,9 +101,22 @@ class Adapprox(Optimizer):
 
     What this implementation decides [decided] (the paper leaves it open):
 
-    - Rank rule: after each sketch at width k + p, the smallest r in
-      [k_min, min(k + p, k_max)] with relative error <= ``tol`` (errors are free from the
-      small SVD); if none, min(k + p, k_max). Re-evaluated every ``rank_interval`` steps.
+    - Rank rule (``rank_rule="dense"``, the default): ``tol`` bounds the distance of the
+      stored moment to the dense EMA :math:`D_t = \beta_2 D_{t-1} + (1-\beta_2) G_t^2` Adam
+      would hold, :math:`\|\max(Q U^\top, 0) - D_t\|_F / \|D_t\|_F`. Each factored matrix
+      keeps an exact sketch :math:`S_t = D_t \Omega` (``exp_avg_sq_sketch``, 4 columns on the
+      smaller side, updated with :math:`(1-\beta_2) G_t^2 \Omega`; :math:`\Omega` is
+      regenerated from the seed, never stored) and, after each S-RSI at width k + p, keeps the
+      smallest r in [k_min, min(k + p, k_max)] whose sketched distance is <= ``tol``; if none,
+      min(k + p, k_max). Re-evaluated every ``rank_interval`` steps. ``rank_rule="step"`` is
+      the rule before it: the same search on one step's truncation error of the rebuilt
+      :math:`V_t`, whose errors compound (measured: 1.7-4.7x ``tol`` from :math:`D_t`).
+    - Start of a sketch (``rank_jump``, on by default): the first evaluation of a fresh state,
+      or of a state loaded without a sketch (its sketch starts as :math:`\max(Q U^\top, 0)
+      \Omega`), may take any rank up to k_max instead of growing by p per step; the paper's
+      rank "expands gradually", so this is a departure. Measured from scratch: it halves the
+      first step's distance to :math:`D_t`. A converted state already sits at the rank the
+      rule asks for (``convert`` stores the exact :math:`D_0 \Omega`), so it does not jump.
     - k_max defaults to min(m, n) // 4 per matrix (the value behind the paper's memory numbers).
     - Warm start: the sketch starts from the previous Q plus p fresh Gaussian directions.
     - Q U^T is clamped at 0 before it is used (the product can dip below zero).
@@ -115,8 +139,13 @@ class Adapprox(Optimizer):
         rank_init: k_0, the rank of a fresh factored moment. Default: 1.
         rank_min: k_min. Default: 1.
         rank_max: k_max for every matrix, or ``None`` for min(m, n) // 4 per matrix.
-        tol: relative-error target of the adaptive rank. Default: 0.05.
-        oversample: p, extra sketch columns (also the most a rank grows per evaluation).
+        tol: with ``rank_rule="dense"``, the largest relative distance (Frobenius) of the
+            stored moment max(Q U^T, 0) to the dense EMA Adam would hold; with ``"step"``, the
+            largest relative truncation error of one step. Default: ``DEFAULT_TOL`` (0.05).
+        rank_rule: ``"dense"`` (default) or ``"step"``, see above.
+        rank_jump: let the first evaluation of a new sketch take any rank up to k_max.
+        oversample: p >= 1, extra sketch columns (also the most a rank grows per evaluation;
+            0 would freeze every rank, so it is refused).
         power_iters: l, subspace-iteration rounds per step. Default: 1 with ``warm_start``
             (the previous basis is already close), measured in ``benchmarks/``.
         rank_interval: re-evaluate ranks every this many steps (1 = every step); in between
@@ -147,7 +176,9 @@ class Adapprox(Optimizer):
         rank_init: int = 1,
         rank_min: int = 1,
         rank_max: int | None = None,
-        tol: float = 0.05,
+        tol: float = DEFAULT_TOL,
+        rank_rule: str = "dense",
+        rank_jump: bool = True,
         oversample: int = 5,
         power_iters: int = 1,
         rank_interval: int = 1,
@@ -188,9 +219,17 @@ class Adapprox(Optimizer):
                 raise ValueError(f"Invalid rank_max: {rank_max!r}; expected an integer >= 1 or None")
             if rank_min > rank_max:
                 raise ValueError(f"Invalid rank_min: {rank_min} exceeds rank_max {rank_max}")
-        for name, value in (("oversample", oversample), ("power_iters", power_iters)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 0")
+            if rank_init > rank_max:
+                raise ValueError(f"Invalid rank_init: {rank_init} exceeds rank_max {rank_max}")
+        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 1:
+            raise ValueError(
+                f"Invalid oversample: {oversample!r}; expected an integer >= 1 (a rank grows by at "
+                "most oversample per evaluation, so 0 would freeze every rank at rank_init)"
+            )
+        if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+            raise ValueError(f"Invalid power_iters: {power_iters!r}; expected an integer >= 0")
+        if rank_rule not in _RANK_RULES:
+            raise ValueError(f"Invalid rank_rule: {rank_rule!r}; expected 'dense' or 'step'")
         if not (isinstance(tol, (int, float)) and 0.0 <= tol < math.inf):
             raise ValueError(f"Invalid tol: {tol!r}; expected a finite number >= 0")
         if first_moment not in _FIRST_MOMENT_MODES:
@@ -221,6 +260,8 @@ class Adapprox(Optimizer):
             rank_min=rank_min,
             rank_max=rank_max,
             tol=float(tol),
+            rank_rule=rank_rule,
+            rank_jump=bool(rank_jump),
             oversample=oversample,
             power_iters=power_iters,
             rank_interval=rank_interval,
@@ -270,6 +311,12 @@ class Adapprox(Optimizer):
                 # A float16 moment carried in from a checkpoint overflows above 65504: it is
                 # widened to float32 once (lossless) instead of turning the weights into NaN.
                 state["exp_avg"] = state["exp_avg"].float()
+            if "exp_avg" in state and group["first_moment_dtype"] in _FIRST_MOMENT_DTYPES:
+                # The group's storage dtype wins over the one a loaded or converted state was
+                # saved in (a cast once, when the setting changes).
+                wanted = _FIRST_MOMENT_DTYPES[group["first_moment_dtype"]]
+                if state["exp_avg"].dtype != wanted:
+                    state["exp_avg"] = state["exp_avg"].to(wanted)
             if len(state) == 0:
                 compute_dtype = _compute_dtype(p)
                 # step on the CPU as in torch.optim.AdamW: reading it needs no device sync.
@@ -344,6 +391,8 @@ class Adapprox(Optimizer):
                 rank_min=group["rank_min"],
                 rank_max=group["rank_max"],
                 tol=group["tol"],
+                rank_rule=group["rank_rule"],
+                rank_jump=group["rank_jump"],
                 oversample=group["oversample"],
                 power_iters=group["power_iters"],
                 rank_interval=group["rank_interval"],
@@ -357,23 +406,49 @@ class Adapprox(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping the precision the state was saved in.
+        """Load a state dict after checking that every saved tensor fits its parameter.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to each parameter's dtype;
-        for bf16/fp16 parameters that would round the float32 factors and first moment to 3
-        digits on every resume. The saved tensors are restored with their own dtype instead.
+        Refused (``StateMismatchError``, a ``ValueError``, naming the parameter): a tensor whose
+        shape does not fit (a 64 x 48 state into a 48 x 64 parameter), and a dense
+        ``exp_avg_sq`` for a matrix Adapprox factors, i.e. an AdamW/Adam state: it would be
+        kept dense forever; ``adapprox_cli.convert.adamw_to_adapprox`` (``adapprox convert``)
+        factors it into the state this optimizer keeps.
+
+        Precision: ``torch.optim.Optimizer.load_state_dict`` casts floating state to each
+        parameter's dtype; for bf16/fp16 parameters that would round the float32 factors to 3
+        digits on every resume. Instead the second moment (dense, factors, sketch) is held in
+        the compute dtype (float32, float64 for float64 parameters: a float32 state loads into
+        a float64 model), and ``exp_avg`` in the group's ``first_moment_dtype`` when it names
+        one, else in the dtype it was saved in.
         """
-        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        saved_groups = state_dict["param_groups"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        saved_rank_max = [
+            g.get("rank_max", self.defaults["rank_max"]) for g in saved_groups for _ in g["params"]
+        ]
+        saved_names = [
+            g["param_names"][i] if "param_names" in g else None
+            for g in saved_groups
+            for i in range(len(g["params"]))
+        ]
+        for index, (saved_id, param) in enumerate(zip(saved_ids, params)):
+            label = f"parameter {index}" + (f" ({saved_names[index]})" if saved_names[index] else "")
+            _check_saved_state(state_dict["state"].get(saved_id, {}), param, saved_rank_max[index], label)
         super().load_state_dict(state_dict)
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for saved_id, param in zip(saved_ids, params):
+            group = group_of[id(param)]
             for key, value in state_dict["state"].get(saved_id, {}).items():
-                if (
-                    key != "step"
-                    and isinstance(value, Tensor)
-                    and value.dtype != self.state[param][key].dtype
-                ):
-                    self.state[param][key] = value.to(device=param.device, copy=True)
+                if key == "step" or not isinstance(value, Tensor) or not value.is_floating_point():
+                    continue
+                dtype = value.dtype
+                if key in _SECOND_MOMENT_KEYS:
+                    dtype = _compute_dtype(param)
+                elif key == "exp_avg" and group["first_moment_dtype"] in _FIRST_MOMENT_DTYPES:
+                    dtype = _FIRST_MOMENT_DTYPES[group["first_moment_dtype"]]
+                if self.state[param][key].dtype != dtype:
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
 
     def ranks(self) -> dict[int, int]:
         """Current rank of every factored parameter, keyed by its flat index."""
@@ -392,6 +467,46 @@ class Adapprox(Optimizer):
             for t in s.values()
             if isinstance(t, Tensor)
         )
+
+
+def _check_saved_state(saved: dict[str, Any], param: Tensor, rank_max: int | None, label: str) -> None:
+    """Raise ``StateMismatchError`` when a saved per-parameter state cannot belong to ``param``."""
+    shape = tuple(param.shape)
+
+    def refuse(problem: str) -> None:
+        raise StateMismatchError(f"Adapprox.load_state_dict: {label} of shape {shape}: {problem}")
+
+    tensors = {k: v for k, v in saved.items() if isinstance(v, Tensor) and k != "step"}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in tensors and tuple(tensors[key].shape) != shape:
+            refuse(
+                f"the saved {key} has shape {tuple(tensors[key].shape)}; the state belongs to another "
+                "parameter (check the model and the order of its parameters)"
+            )
+    if "exp_avg_sq" in tensors and is_factored(shape, rank_max):
+        refuse(
+            "the state holds a dense exp_avg_sq (an AdamW/Adam state?) but Adapprox keeps this matrix's "
+            "second moment as low-rank factors; convert the state dict first with "
+            "adapprox_cli.convert.adamw_to_adapprox (or `adapprox convert`)"
+        )
+    view = matrix_view_shape(shape)
+    if "exp_avg_sq_q" in tensors or "exp_avg_sq_u" in tensors:
+        q, u = tensors.get("exp_avg_sq_q"), tensors.get("exp_avg_sq_u")
+        if q is None or u is None or view is None:
+            refuse(
+                "the saved factors exp_avg_sq_q/exp_avg_sq_u are incomplete or the parameter is not a matrix"
+            )
+        m, n = view
+        if q.ndim != 2 or u.ndim != 2 or q.shape[0] != m or u.shape[0] != n or q.shape[1] != u.shape[1]:
+            refuse(
+                f"the saved factors are {tuple(q.shape)} and {tuple(u.shape)}; this parameter needs "
+                f"({m}, k) and ({n}, k)"
+            )
+        sketch = tensors.get("exp_avg_sq_sketch")
+        if sketch is not None and (sketch.ndim != 2 or sketch.shape[0] != min(m, n)):
+            refuse(
+                f"the saved exp_avg_sq_sketch is {tuple(sketch.shape)}; this parameter needs ({min(m, n)}, c)"
+            )
 
 
 def adapprox(
@@ -418,6 +533,8 @@ def adapprox(
     seed: int,
     maximize: bool,
     foreach: bool | None = None,
+    rank_rule: str = "dense",
+    rank_jump: bool = True,
 ) -> None:
     """Functional Adapprox: one step over lists of parameters, gradients and their states.
 
@@ -452,6 +569,8 @@ def adapprox(
         rank_min=rank_min,
         rank_max=rank_max,
         tol=tol,
+        rank_rule=rank_rule,
+        rank_jump=rank_jump,
         oversample=oversample,
         power_iters=power_iters,
         rank_interval=rank_interval,
@@ -570,6 +689,42 @@ def _rank_k_max(m: int, n: int, rank_max: int | None) -> int:
     return default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
 
 
+# --------------------------------------------------------------------------- dense-EMA sketch
+# [decided] rank_rule="dense": S_t = D_t Omega is kept exactly for the dense EMA D_t Adam would
+# hold, on the smaller side of the matrix (S = D^T Omega for a tall one), so it stores
+# DENSE_SKETCH_COLUMNS * min(m, n) numbers; lowrank.sketched_distances turns it into the
+# distance of every candidate rank (lowrank section "rank rule: distance to the dense EMA").
+
+
+def _next_dense_sketch(
+    sketch: Tensor | None, g2d: Tensor, v: Tensor, omega: Tensor, beta2: float
+) -> tuple[Tensor, bool]:
+    """(S_t, started): the sketch after this step's gradient, out of place (the step is atomic).
+
+    Without a sketch (a fresh state, or one saved without it) the dense EMA starts from the
+    factored moment, D_{t-1} = max(Q U^T, 0): then D_t = V_t exactly, so S_t = V_t Omega.
+    """
+    if sketch is None:
+        return moment_sketch(v, omega), True
+    tall = g2d.shape[0] > g2d.shape[1]
+    g2 = g2d.square()
+    return torch.addmm(sketch, g2.mT if tall else g2, omega, beta=beta2, alpha=1.0 - beta2), False
+
+
+def _distances_to_dense(
+    sketch: Tensor, q_s: Tensor, u_s: Tensor, s: Tensor, omega: Tensor, frobenius_sq: Tensor, tall: bool
+) -> Tensor:
+    """Estimated ||D_t - Q_r U_r^T|| / ||D_t|| for every r <= width (one matrix or a stack).
+
+    The denominator uses ||V_t||_F (exact, already needed by S-RSI). A tall matrix's sketch
+    lives on its short side: V^T ~ Z (Q S)^T with Z = U / S orthonormal, the factors' roles swapped.
+    """
+    if tall:
+        safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
+        return _sketched_distances(sketch, u_s / safe, q_s * s.unsqueeze(-2), omega, frobenius_sq)
+    return _sketched_distances(sketch, q_s, u_s, omega, frobenius_sq)
+
+
 def _single_tensor_adapprox(
     params: list[Tensor],
     grads: list[Tensor],
@@ -585,6 +740,8 @@ def _single_tensor_adapprox(
     rank_min: int,
     rank_max: int | None,
     tol: float,
+    rank_rule: str,
+    rank_jump: bool,
     oversample: int,
     power_iters: int,
     rank_interval: int,
@@ -598,8 +755,9 @@ def _single_tensor_adapprox(
     # Phase 1 runs every decomposition (the only calls that can raise) and writes nothing;
     # V is rebuilt again in phase 3 rather than kept, so at most one m x n V lives at a time.
     sketches: dict[int, tuple[Tensor, Tensor]] = {}
-    # Rank choices wait for one sync after phase 1: (position, errors, current rank, k_max).
-    pending_ranks: list[tuple[int, Tensor, int, int]] = []
+    dense_sketches: dict[int, Tensor] = {}
+    # Rank choices wait for one sync after phase 1: (position, errors, current rank, k_max, jump).
+    pending_ranks: list[tuple[int, Tensor, int, int, bool]] = []
     stepped: list[int] = []
     for position, (param, grad, state, index, is_finite) in enumerate(
         zip(params, grads, states, param_indices, finite)
@@ -617,21 +775,35 @@ def _single_tensor_adapprox(
         v = _rebuild_second_moment(g2d, q_prev, u_prev, beta2)
         current_rank = q_prev.shape[1]
         k_max = _rank_k_max(m, n, rank_max)
+        evaluate, jump = (step - 1) % rank_interval == 0, False
+        if rank_rule == "dense":
+            omega = moment_sketch_test_matrix(m, n, seed=seed, index=index, dtype=v.dtype, device=v.device)
+            dense_sketches[position], started = _next_dense_sketch(
+                state.get("exp_avg_sq_sketch"), g2d, v, omega, beta2
+            )
+            # A new sketch is evaluated at once (whatever rank_interval) and may jump.
+            evaluate, jump = evaluate or started, started and rank_jump
         # [decided] The test matrix is a pure function of (seed, parameter index, step): a
         # resumed run draws exactly what the uninterrupted one drew, without stored generators.
         generator = seeded_generator(seed, index, step, device=v.device)
         warm = q_prev if warm_start and step > 1 else None
-        q_s, u_s, _, errors = _srsi(v, min(current_rank, k_max), oversample, power_iters, generator, warm)
+        sketch_rank = k_max if jump else min(current_rank, k_max)
+        frobenius_sq = _frobenius_sq(v)
+        q_s, u_s, s, errors = _srsi(v, sketch_rank, oversample, power_iters, generator, warm, frobenius_sq)
         del v
-        if (step - 1) % rank_interval == 0:
-            pending_ranks.append((position, errors, current_rank, k_max))
+        if evaluate:
+            if rank_rule == "dense":
+                errors = _distances_to_dense(
+                    dense_sketches[position], q_s, u_s, s, omega, frobenius_sq, tall=m > n
+                )
+            pending_ranks.append((position, errors, current_rank, k_max, jump))
             sketches[position] = (q_s, u_s)
         else:
             k = min(current_rank, k_max, q_s.shape[1])
             sketches[position] = (q_s[:, :k], u_s[:, :k])
 
     # Phase 2: the rank choices (one host read).
-    for (position, _, _, _), k in zip(
+    for (position, *_), k in zip(
         pending_ranks, _rank_choices(pending_ranks, rank_min=rank_min, oversample=oversample, tol=tol)
     ):
         q_s, u_s = sketches[position]
@@ -652,6 +824,7 @@ def _single_tensor_adapprox(
             q_new, u_new = sketches[position]
             state["exp_avg_sq_q"] = q_new.contiguous()
             state["exp_avg_sq_u"] = u_new.contiguous()
+            _commit_dense_sketch(state, dense_sketches.get(position))
             denom = v.sqrt_().add_(eps).reshape(param.shape)
             del v
         else:
@@ -684,39 +857,50 @@ def _single_tensor_adapprox(
         param.add_(update.to(param.dtype), alpha=-lr)
 
 
+def _commit_dense_sketch(state: dict[str, Tensor], sketch: Tensor | None) -> None:
+    if sketch is not None:
+        state["exp_avg_sq_sketch"] = sketch
+    else:
+        # rank_rule="step" keeps no sketch; one left from a "dense" run would go stale.
+        state.pop("exp_avg_sq_sketch", None)
+
+
 def _gradient_in_compute_dtype(grad: Tensor, param: Tensor, maximize: bool) -> Tensor:
     g = grad.to(_compute_dtype(param))
     return -g if maximize else g
 
 
 def _rank_choices(
-    pending: list[tuple[Any, Tensor, int, int]],
+    pending: list[tuple[Any, Tensor, int, int, bool]],
     *,
     rank_min: int,
     oversample: int,
     tol: float,
     errors_on_host: list[list[float]] | None = None,
 ) -> list[int]:
-    """AS-RSI rank selection for every matrix re-evaluated this step, with one host sync
-    (none when the caller already read the errors: ``errors_on_host``)."""
+    """Rank selection for every matrix re-evaluated this step, with one host sync (none when
+    the caller already read the errors: ``errors_on_host``). ``errors`` are the sketched
+    distances to the dense EMA (rank_rule "dense") or one step's truncation errors ("step");
+    the search is the same (``lowrank.dense_ema_rank``; without a jump it is ``adaptive_rank``)."""
     if not pending:
         return []
     if errors_on_host is None:
-        flat = torch.cat([errors for _, errors, _, _ in pending]).tolist()
+        flat = torch.cat([entry[1].to(torch.float64) for entry in pending]).tolist()
         errors_on_host, offset = [], 0
-        for _, errors, _, _ in pending:
-            errors_on_host.append(flat[offset : offset + errors.shape[0]])
-            offset += errors.shape[0]
+        for entry in pending:
+            errors_on_host.append(flat[offset : offset + entry[1].shape[0]])
+            offset += entry[1].shape[0]
     return [
-        adaptive_rank(
+        dense_ema_rank(
             host_errors,
             current_rank,
             rank_min=min(rank_min, k_max),
             rank_max=k_max,
             oversample=oversample,
             tol=tol,
+            jump=jump,
         )
-        for (_, _, current_rank, k_max), host_errors in zip(pending, errors_on_host)
+        for (_, _, current_rank, k_max, jump), host_errors in zip(pending, errors_on_host)
     ]
 
 
@@ -735,6 +919,8 @@ def _multi_tensor_adapprox(
     rank_min: int,
     rank_max: int | None,
     tol: float,
+    rank_rule: str,
+    rank_jump: bool,
     oversample: int,
     power_iters: int,
     rank_interval: int,
@@ -760,14 +946,20 @@ def _multi_tensor_adapprox(
 
     # Phase 1: group the factored matrices and sketch each stack.
     groups: dict[tuple, list[int]] = {}
+    # Per position: re-evaluate the rank this step; let that evaluation jump (a new sketch).
+    evaluates = [(step - 1) % rank_interval == 0 for step in steps]
+    jumps = [False] * len(params)
     for position, (param, state) in enumerate(zip(params, states)):
         if param.numel() and "exp_avg_sq_q" in state:
             q_prev = state["exp_avg_sq_q"]
             warm = warm_start and steps[position] > 1
-            key = (tuple(param.shape), q_prev.dtype, q_prev.device, q_prev.shape[1], warm)
+            if rank_rule == "dense" and "exp_avg_sq_sketch" not in state:
+                evaluates[position], jumps[position] = True, rank_jump
+            key = (tuple(param.shape), q_prev.dtype, q_prev.device, q_prev.shape[1], warm, jumps[position])
             groups.setdefault(key, []).append(position)
     sketched = []  # (positions, V stack, Q_s, U_s, errors, current rank, k_max)
-    for (shape, _, device, current_rank, warm), positions in groups.items():
+    dense_sketches: dict[int, Tensor] = {}
+    for (shape, _, device, current_rank, warm, jump), positions in groups.items():
         m, n = matrix_view_shape(shape)
         q_prev = torch.stack([states[i]["exp_avg_sq_q"] for i in positions])
         u_prev = torch.stack([states[i]["exp_avg_sq_u"] for i in positions])
@@ -776,7 +968,7 @@ def _multi_tensor_adapprox(
         g2d = [grads_c[i].reshape(m, n) for i in positions]
         torch._foreach_addcmul_(list(v.unbind(0)), g2d, g2d, value=1.0 - beta2)
         k_max = _rank_k_max(m, n, rank_max)
-        sketch_rank = min(current_rank, k_max)
+        sketch_rank = k_max if jump else min(current_rank, k_max)
         width = min(sketch_rank + oversample, m, n)
         kept = min(current_rank, width) if warm else 0
         # Drawn per matrix with the loop's rule, then stacked: the same test matrices as the loop.
@@ -792,16 +984,40 @@ def _multi_tensor_adapprox(
                 for i in positions
             ]
         )
-        q_s, u_s, _, errors = _srsi_batched(
+        q_s, u_s, s, errors = _srsi_batched(
             v, sketch_rank, oversample, power_iters, omega, q_prev if warm else None
         )
+        if rank_rule == "dense":
+            # Per matrix, as in the loop (same Omega, same product): the sketches stay bitwise
+            # identical between the two paths; the distances are then computed on the stack.
+            omegas = [
+                moment_sketch_test_matrix(
+                    m, n, seed=seed, index=param_indices[i], dtype=v.dtype, device=device
+                )
+                for i in positions
+            ]
+            for row, i in enumerate(positions):
+                dense_sketches[i], _ = _next_dense_sketch(
+                    states[i].get("exp_avg_sq_sketch"), g2d[row], v[row], omegas[row], beta2
+                )
+            if any(evaluates[i] for i in positions):
+                frobenius_sq = torch.linalg.vector_norm(v, dim=-1).to(torch.float64).square().sum(-1)
+                errors = _distances_to_dense(
+                    torch.stack([dense_sketches[i] for i in positions]),
+                    q_s,
+                    u_s,
+                    s,
+                    torch.stack(omegas),
+                    frobenius_sq,
+                    tall=m > n,
+                )
         sketched.append((positions, v, q_s, u_s, errors, current_rank, k_max))
 
     # Phase 2: one host read for the flags and every rank choice of this step.
     evaluated = [
         (positions, errors)
         for positions, _, _, _, errors, _, _ in sketched
-        if any((steps[i] - 1) % rank_interval == 0 for i in positions)
+        if any(evaluates[i] for i in positions)
     ]
     first_device = gate.device
     host = torch.cat(
@@ -827,9 +1043,9 @@ def _multi_tensor_adapprox(
         for row, i in enumerate(positions):
             if not ok[i]:
                 continue
-            if (steps[i] - 1) % rank_interval == 0:
+            if evaluates[i]:
                 (k,) = _rank_choices(
-                    [(i, errors[row], current_rank, k_max)],
+                    [(i, errors[row], current_rank, k_max, jumps[i])],
                     rank_min=rank_min,
                     oversample=oversample,
                     tol=tol,
@@ -884,6 +1100,7 @@ def _multi_tensor_adapprox(
         state["step"] = state["step"] + 1
         if position in new_factors:
             state["exp_avg_sq_q"], state["exp_avg_sq_u"] = new_factors[position]
+            _commit_dense_sketch(state, dense_sketches.get(position))
 
 
 def _cast_like(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:

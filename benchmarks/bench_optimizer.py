@@ -48,6 +48,7 @@ from common import (
 )
 
 import adapprox_cli.optim as optim_module
+from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 from adapprox_cli.memory import adamw_state_numbers, adapprox_state_numbers, gpt2_shapes
 from adapprox_cli.optim import Adapprox
 
@@ -268,7 +269,9 @@ def main() -> None:
             }
             # Cross-check with the memory accounting used for the paper's numbers (4 bytes/number).
             beta1 = optimizer.defaults["betas"][0]
-            numbers = adapprox_state_numbers(shapes, ranks, first_moment=beta1 > 0)
+            # The dense-EMA sketch (rank_rule="dense") counts too: 4 min(m, n) per factored matrix.
+            sketch = DENSE_SKETCH_COLUMNS if optimizer.defaults.get("rank_rule") == "dense" else 0
+            numbers = adapprox_state_numbers(shapes, ranks, first_moment=beta1 > 0, sketch_columns=sketch)
             entry["accounting_ratio_vs_adamw"] = numbers / adamw_state_numbers(shapes)
             parts = {key: median([b.get(key, 0.0) for b in breakdowns[name]]) for key in WRAPPED}
             parts["rest"] = seconds - sum(parts.values())

@@ -53,6 +53,11 @@ CONFIGS: dict[str, dict | None] = {
     "tol=0.01": {"tol": 0.01},
     "tol=0.05": {"tol": 0.05},
     "tol=0.1": {"tol": 0.1},
+    "tol=0.15": {"tol": 0.15},
+    "rank_jump=False": {"rank_jump": False},
+    "rank_rule=step": {"rank_rule": "step"},
+    "first_moment_dtype=bfloat16": {"first_moment_dtype": "bfloat16"},
+    "rule-before (step, tol=0.05)": {"rank_rule": "step", "tol": 0.05},
 }
 
 

@@ -26,7 +26,14 @@ interleaved round by round (3 rounds), so a busy spell of the shared machine hit
 
 Targets: Adapprox val loss within 1% of AdamW's and below Adafactor's; state <= 55% of AdamW's.
 
-    PYTHONPATH=. python benchmarks/bench_resume.py [--quick] [--json PATH] [--steps N]
+``--tol-grid T ...`` adds, per tol, the rank rules side by side (headline rows, every seed):
+``adapprox dense tol=T`` (the default rule), ``adapprox step tol=T`` (the rule before) and
+``adapprox dense tol=T bf16 m`` (bfloat16 first moment). Every Adapprox run also tracks a dense
+shadow of AdamW's second moment: D starts at the checkpoint's exp_avg_sq and takes the same
+clipped gradients, D = beta2 D + (1 - beta2) G^2; "distance" is ||max(Q U^T, 0) - D||_F / ||D||_F
+after every step of every factored matrix (median, 90th percentile).
+
+    PYTHONPATH=. python benchmarks/bench_resume.py [--quick] [--json PATH] [--steps N] [--tol-grid T ...]
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import base_parser, configure_threads, print_table, write_json
 
+from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.loop import TrainConfig, train
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "sample_states" / "nanogpt" / "ckpt.pt"
@@ -65,6 +74,46 @@ HIGHER_LR = {"learning_rate": 1e-3, "decay_lr": False}
 QUICK_VARIANTS = ("adamw", "adapprox", "adafactor lr x10")
 
 
+class DenseShadow:
+    """Wraps ``Adapprox.step`` for one run: a float64 dense EMA per factored matrix, fed the
+    gradients the step sees, against which the stored moment is measured after the step."""
+
+    def __init__(self) -> None:
+        saved = torch.load(CHECKPOINT, map_location="cpu", weights_only=False)["optimizer"]
+        ids = [pid for group in saved["param_groups"] for pid in group["params"]]
+        self.initial = [saved["state"].get(pid, {}).get("exp_avg_sq") for pid in ids]
+        self.dense: dict[int, torch.Tensor] = {}
+        self.distances: list[float] = []
+
+    def __enter__(self) -> DenseShadow:
+        self.original = Adapprox.step
+        shadow = self
+
+        @torch.no_grad()
+        def step(opt, closure=None):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            beta2 = opt.param_groups[0]["betas"][1]
+            watched = [(i, p) for i, p in enumerate(params) if "exp_avg_sq_q" in opt.state.get(p, {})]
+            for i, p in watched:
+                d = shadow.dense.setdefault(i, shadow.initial[i].double().reshape(p.shape[0], -1).clone())
+                g = p.grad.double().reshape(d.shape)
+                d.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            result = shadow.original(opt, closure)
+            for i, p in watched:
+                state, d = opt.state[p], shadow.dense[i]
+                product = (state["exp_avg_sq_q"] @ state["exp_avg_sq_u"].T).double().clamp_(min=0.0)
+                shadow.distances.append(
+                    float(torch.linalg.matrix_norm(product - d) / torch.linalg.matrix_norm(d))
+                )
+            return result
+
+        Adapprox.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Adapprox.step = self.original
+
+
 def run_variant(
     label: str,
     optimizer: str,
@@ -75,20 +124,25 @@ def run_variant(
     seed: int,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    result = train(
-        TrainConfig(
-            checkpoint=CHECKPOINT,
-            steps=steps,
-            **(HIGHER_LR if label.endswith("@ lr 1e-3") else {}),
-            optimizer=optimizer,
-            optimizer_options=dict(options),
-            lr_scale=lr_scale,
-            eval_iters=eval_iters,
-            seed=seed,
-            out_dir=None,
-            handle_signals=False,
-        )
+    shadow = DenseShadow()
+    config = TrainConfig(
+        checkpoint=CHECKPOINT,
+        steps=steps,
+        **(HIGHER_LR if label.endswith("@ lr 1e-3") else {}),
+        optimizer=optimizer,
+        optimizer_options=dict(options),
+        lr_scale=lr_scale,
+        eval_iters=eval_iters,
+        seed=seed,
+        out_dir=None,
+        handle_signals=False,
     )
+    if optimizer == "adapprox":
+        with shadow:
+            result = train(config)
+    else:
+        result = train(config)
+    distances = sorted(shadow.distances)
     ranks = sorted(result.ranks.values()) if result.ranks else []
     return {
         "label": label,
@@ -104,6 +158,8 @@ def run_variant(
         "step_time": result.step_time,
         "wall_s": time.perf_counter() - started,
         "conversion_bytes": result.conversion.bytes_after if result.conversion else None,
+        "distance_median": statistics.median(distances) if distances else None,
+        "distance_p90": distances[int(0.9 * (len(distances) - 1))] if distances else None,
     }
 
 
@@ -139,6 +195,10 @@ def interleaved_step_times(
     return {label: medians[timed[(o, tuple(sorted(opts.items())))]] for label, o, opts, _, _ in variants}
 
 
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return statistics.fmean(values) if values and None not in values else None
+
+
 def summarise(runs: list[dict[str, Any]], adamw: dict[str, float]) -> list[dict[str, Any]]:
     rows = []
     for label in dict.fromkeys(r["label"] for r in runs):
@@ -155,6 +215,8 @@ def summarise(runs: list[dict[str, Any]], adamw: dict[str, float]) -> list[dict[
             "rank_median": ranks[len(ranks) // 2] if ranks else None,
             "rank_max": ranks[-1] if ranks else None,
             "step_time": group[0]["interleaved_step_time"],
+            "distance_median": _mean_or_none([r["distance_median"] for r in group]),
+            "distance_p90": _mean_or_none([r["distance_p90"] for r in group]),
         }
         row["val_vs_adamw_percent"] = 100 * (row["val_loss"] / adamw["val_loss"] - 1)
         row["state_ratio"] = row["state_bytes"] / adamw["state_bytes"]
@@ -179,6 +241,13 @@ def main() -> None:
         "--timing-rounds", type=int, default=None, help="interleaved timing rounds (3, quick 1)"
     )
     parser.add_argument("--timing-steps", type=int, default=30, help="steps per timing run (default 30)")
+    parser.add_argument(
+        "--tol-grid",
+        nargs="*",
+        type=float,
+        default=[],
+        help="tols for the rank-rule rows (dense, step, bf16 m)",
+    )
     args = parser.parse_args()
     configure_threads(args.threads)
     if not CHECKPOINT.is_file():
@@ -189,6 +258,18 @@ def main() -> None:
     variants = [v for v in VARIANTS if not args.quick or v[0] in QUICK_VARIANTS]
     if args.only:
         variants = [v for v in variants if v[0] in args.only or v[0] == "adamw"]
+    for tol in args.tol_grid:
+        variants += [
+            (f"adapprox dense tol={tol:g}", "adapprox", {"tol": tol, "rank_rule": "dense"}, 1.0, True),
+            (f"adapprox step tol={tol:g}", "adapprox", {"tol": tol, "rank_rule": "step"}, 1.0, True),
+            (
+                f"adapprox dense tol={tol:g} bf16 m",
+                "adapprox",
+                {"tol": tol, "first_moment_dtype": "bfloat16"},
+                1.0,
+                True,
+            ),
+        ]
 
     runs = []
     for index in range(seeds):
@@ -224,6 +305,8 @@ def main() -> None:
         "state bytes",
         "state / AdamW",
         "ranks min/med/max",
+        "dist med",
+        "dist p90",
         "step ms",
         "time / AdamW",
     ]
@@ -240,6 +323,8 @@ def main() -> None:
                 r["state_bytes"],
                 r["state_ratio"],
                 "-" if r["rank_min"] is None else f"{r['rank_min']}/{r['rank_median']}/{r['rank_max']}",
+                "-" if r["distance_median"] is None else r["distance_median"],
+                "-" if r["distance_p90"] is None else r["distance_p90"],
                 1000 * r["step_time"],
                 r["time_ratio"],
             )

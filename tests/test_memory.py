@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from adapprox_cli import memory
+from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 from adapprox_cli.optim import Adapprox
 
 
@@ -60,7 +61,7 @@ def test_accounting_matches_a_real_optimizer_state():
         opt.step()
     shapes = [tuple(p.shape) for p in model.parameters()]
     ranks = opt.ranks()
-    numbers = memory.adapprox_state_numbers(shapes, ranks)
+    numbers = memory.adapprox_state_numbers(shapes, ranks, sketch_columns=DENSE_SKETCH_COLUMNS)
     # state_bytes also counts the 0-d step tensors (one float32 per parameter)
     assert opt.state_bytes() == 4 * numbers + 4 * len(shapes)
     assert memory.adamw_state_numbers(shapes) == 2 * sum(p.numel() for p in model.parameters())

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adapprox_cli.optim as optim_module
+from adapprox_cli.lowrank import DENSE_SKETCH_KEY, dense_sketch_test_matrix
 from adapprox_cli.optim import Adapprox, adapprox, is_factored
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -53,21 +54,40 @@ def structured_gradients(
     return out
 
 
-def reference_step(w, g, state, *, lr, beta1, beta2, eps, wd, clip, tol, k_max, oversample, first_moment):
+def reference_step(
+    w, g, state, *, lr, beta1, beta2, eps, wd, clip, tol, k_max, oversample, first_moment, rule="step"
+):
     """One Adapprox step written straight from the algorithm notes (§4-5): dense V rebuilt from
-    the previous factors, the exact truncated SVD at the rank the AS-RSI rule picks."""
+    the previous factors, the exact truncated SVD at the rank the rule picks. Rule "step": one
+    step's truncation error of V; rule "dense": the distance to the dense EMA D (kept exactly
+    here) as seen through the 4-column test matrix ``state["omega"]``, ||(D - V_r) Omega|| /
+    (sqrt(4) ||V||), with any rank up to k_max allowed at the first step."""
     v_prev = torch.clamp(state["approx"], min=0)
     v = beta2 * v_prev + (1 - beta2) * g * g
-    s = torch.linalg.svdvals(v)
-    total = (v * v).sum()
-    errors = [
-        math.sqrt(max(float(total - (s[:r] ** 2).sum()), 0.0)) / math.sqrt(float(total))
-        for r in range(1, len(s) + 1)
-    ]
-    k = state["rank"]
-    top = min(k + oversample, k_max)
-    new_k = next((r for r in range(1, top + 1) if errors[r - 1] <= tol), top)
+    state["dense"] = beta2 * state["dense"] + (1 - beta2) * g * g
     u, sv, vh = torch.linalg.svd(v, full_matrices=False)
+    total = (v * v).sum()
+    if rule == "step":
+        errors = [
+            math.sqrt(max(float(total - (sv[:r] ** 2).sum()), 0.0)) / math.sqrt(float(total))
+            for r in range(1, len(sv) + 1)
+        ]
+    else:
+        omega = state["omega"]
+        # The sketch lives on the smaller side: (D - V_r)^T Omega for a tall matrix.
+        side = (lambda x: x.T) if v.shape[0] > v.shape[1] else (lambda x: x)
+        errors = [
+            float(
+                torch.linalg.matrix_norm(side(state["dense"] - (u[:, :r] * sv[:r]) @ vh[:r]) @ omega)
+                / torch.sqrt(omega.shape[1] * total)
+            )
+            for r in range(1, len(sv) + 1)
+        ]
+    k = state["rank"]
+    first = state.setdefault("steps", 0) == 0
+    state["steps"] += 1
+    top = k_max if rule == "dense" and first else min(k + oversample, k_max)
+    new_k = next((r for r in range(1, top + 1) if errors[r - 1] <= tol), top)
     state["approx"] = (u[:, :new_k] * sv[:new_k]) @ vh[:new_k]
     state["rank"] = new_k
 
@@ -87,11 +107,12 @@ def reference_step(w, g, state, *, lr, beta1, beta2, eps, wd, clip, tol, k_max, 
     return w - lr * (d + wd * w)
 
 
+@pytest.mark.parametrize("rule", ["step", "dense"])
 @pytest.mark.parametrize("first_moment", ["gradient", "update"])
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
-def test_matches_reference_step_for_step(device, first_moment, beta1):
+def test_matches_reference_step_for_step(device, first_moment, beta1, rule):
     m, n, steps = 48, 40, 12
-    settings = dict(lr=1e-2, eps=1e-8, wd=0.1, clip=1.0, tol=0.05, k_max=10, oversample=3)
+    settings = dict(lr=1e-2, eps=1e-8, wd=0.1, clip=1.0, tol=0.05, k_max=10, oversample=3, rule=rule)
     grads = structured_gradients(m, n, steps, seed=3)
     w0 = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
@@ -100,6 +121,9 @@ def test_matches_reference_step_for_step(device, first_moment, beta1):
         "approx": torch.zeros(m, n, dtype=torch.float64),
         "rank": 1,
         "m": torch.zeros(m, n, dtype=torch.float64),
+        "dense": torch.zeros(m, n, dtype=torch.float64),
+        # the optimizer's Omega for parameter 0 and seed 0, on the larger side (48 rows)
+        "omega": dense_sketch_test_matrix(m, seed=0, keys=(0, DENSE_SKETCH_KEY)).double(),
     }
     param = nn.Parameter(w0.clone().to(device))
     opt = Adapprox(
@@ -115,6 +139,7 @@ def test_matches_reference_step_for_step(device, first_moment, beta1):
         power_iters=6,
         warm_start=False,
         first_moment=first_moment,
+        rank_rule=rule,
     )
     ranks = []
     for g in grads:

@@ -78,7 +78,14 @@ def _check_param_keys(osd: dict, source: Path | str) -> None:
         )
 
 
-_MOMENT_KEYS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_sq_q", "exp_avg_sq_u"}
+_MOMENT_KEYS = {
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "exp_avg_sq_q",
+    "exp_avg_sq_u",
+    "exp_avg_sq_sketch",
+}
 
 
 def _as_tensor(key: str, value: Any, param: int | str, source: Path | str) -> Any:

@@ -25,6 +25,7 @@ from adapprox_cli.cli.options import (
     SeedOption,
     TrustOption,
 )
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
@@ -752,7 +753,9 @@ def estimate(
     tol: Annotated[
         list[float] | None,
         typer.Option(
-            "--tol", help="Relative-error tolerance of the adaptive rank (default 0.05); repeat for several."
+            "--tol",
+            help=f"Largest relative distance (Frobenius) of the stored second moment to Adam's, as "
+            f"Adapprox's tol bounds it (default {DEFAULT_TOL}); repeat for several.",
         ),
     ] = None,
     rank_max: Annotated[
@@ -822,6 +825,7 @@ def estimate(
         adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
     """
     from adapprox_cli.analysis import estimate_memory, estimate_preset
+    from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 
     _check_plot(plot)
     _CSV.start(csv)
@@ -883,7 +887,7 @@ def estimate(
         with _about(source), _progress(label, _show_progress(json_output)) as update:
             return estimate_memory(
                 moments,
-                tolerances=tol or (0.05,),
+                tolerances=tol or (DEFAULT_TOL,),
                 rank_max=rank_max,
                 fixed_ranks=rank or (),
                 rule=rule,
@@ -898,6 +902,7 @@ def estimate(
                 seed=seed,
                 source=str(source),
                 progress=update,
+                sketch_columns=DENSE_SKETCH_COLUMNS,  # the state the default optimizer keeps
             )
 
     _analyse(

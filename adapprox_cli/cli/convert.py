@@ -9,6 +9,7 @@ import typer
 
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import CheckpointPath, JsonOption, OptimizerIndexOption, SeedOption, TrustOption
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.validation import check_at_least, check_beta
@@ -24,7 +25,14 @@ def convert_command(
             "--to", help="Target optimizer: adapprox or adamw (default: the other one than the input)."
         ),
     ] = None,
-    tol: Annotated[float, typer.Option("--tol", help="Relative-error target of the adaptive rank.")] = 0.05,
+    tol: Annotated[
+        float,
+        typer.Option(
+            "--tol",
+            help="Largest relative distance (Frobenius) of the stored second moment to AdamW's; "
+            "the optimizer keeps it there while training.",
+        ),
+    ] = DEFAULT_TOL,
     rank: Annotated[
         int | None,
         typer.Option("--rank", help="Factor every matrix at this rank (clamped to k_max) instead."),

@@ -10,6 +10,7 @@ import typer
 
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import JsonOption, PlotOption, TrustOption
+from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.errors import InputError
 from adapprox_cli.validation import check_at_least
 
@@ -136,7 +137,9 @@ def train_command(
     tol: Annotated[
         float | None,
         typer.Option(
-            "--tol", help="Adapprox: adaptive-rank error target.", show_default="the state's, else 0.05"
+            "--tol",
+            help="Adapprox: largest relative distance of the stored second moment to Adam's.",
+            show_default=f"the state's, else {DEFAULT_TOL}",
         ),
     ] = None,
     beta1: Annotated[

@@ -1,7 +1,7 @@
 """safetensors: header-only reads, memory-mapped tensors, and adapprox's own optimizer export.
 
 The export holds a flat ``str -> tensor`` dict with keys ``state/{index}/{key}`` (key one of
-step, exp_avg, exp_avg_sq, exp_avg_sq_q, exp_avg_sq_u, max_exp_avg_sq) and a ``__metadata__``
+step, exp_avg, exp_avg_sq, exp_avg_sq_q, exp_avg_sq_u, exp_avg_sq_sketch, max_exp_avg_sq) and a ``__metadata__``
 of strings: ``format`` = "adapprox-optimizer-v1", ``optimizer`` ("adamw" | "adapprox"),
 ``param_groups`` (JSON list of groups including their ``params`` index lists), ``param_names``
 (JSON list by index), ``param_shapes`` (JSON list by index, optional), ``source_format`` and
@@ -36,7 +36,15 @@ from adapprox_cli.checkpoints.safe_load import check_readable_file
 from adapprox_cli.errors import InputError
 
 EXPORT_FORMAT = "adapprox-optimizer-v1"
-EXPORT_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "exp_avg_sq_q", "exp_avg_sq_u", "max_exp_avg_sq")
+EXPORT_STATE_KEYS = (
+    "step",
+    "exp_avg",
+    "exp_avg_sq",
+    "exp_avg_sq_q",
+    "exp_avg_sq_u",
+    "exp_avg_sq_sketch",
+    "max_exp_avg_sq",
+)
 _KEY = re.compile(r"^state/(\d+)/([A-Za-z_]+)$")
 _DTYPES = {
     "F64": torch.float64,
