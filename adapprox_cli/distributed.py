@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,6 +182,9 @@ def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 # --------------------------------------------------------------------------- the step
 
 
+_warned_step_rule = False  # the fallback of rank_rule='dense' is said once per process
+
+
 def sharded_adapprox(
     params: list[Tensor],
     grads: list[Tensor],
@@ -204,8 +208,14 @@ def sharded_adapprox(
     first_moment: str,
     seed: int,
     maximize: bool,
+    rank_rule: str = "step",
+    rank_jump: bool = False,
 ) -> None:
     """``optim._single_tensor_adapprox`` for row-sharded DTensor parameters, on local shards.
+
+    [decided] The rank rule here is the per-step truncation rule (``rank_rule="step"``): the
+    dense-EMA sketch is not sharded yet, so ``rank_rule="dense"`` and ``rank_jump`` fall back to
+    it, with a warning the first time.
 
     Phase 1 (no writes): the all-reduced skip flags, then per factored matrix the local V and
     S-RSI with all-reduced sums. Phase 2: rank choices from replicated errors, made identical
@@ -216,6 +226,15 @@ def sharded_adapprox(
         return
     if cosine_guidance:
         raise ShardingError("Adapprox: cosine_guidance is not implemented for sharded parameters")
+    global _warned_step_rule
+    if rank_rule == "dense" and not _warned_step_rule:
+        _warned_step_rule = True
+        warnings.warn(
+            "Adapprox on FSDP2 parameters uses rank_rule='step' (tol bounds each step's truncation, "
+            "not the distance to Adam's dense moment): the dense-EMA sketch is not sharded yet",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     for param, index in zip(params, param_indices):
         label = f"parameter {index} of shape {tuple(param.shape)}"
         if not isinstance(param, DTensor):
@@ -420,10 +439,13 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     moment, dense second moments, Q) are sharded by rows like it, U is replicated.
     """
     for group in optimizer.param_groups:
+        if any(isinstance(p, DTensor) for p in group["params"]) and "rank_rule" in group:
+            group["rank_rule"] = "step"  # what the sharded step runs (it keeps no dense-EMA sketch)
         for param in group["params"]:
             state = optimizer.state.get(param)
             if not isinstance(param, DTensor) or not state:
                 continue
+            state.pop("exp_avg_sq_sketch", None)
             for key, value in list(state.items()):
                 if not isinstance(value, Tensor) or isinstance(value, DTensor) or value.ndim == 0:
                     continue  # the step counter stays a plain scalar
@@ -515,8 +537,14 @@ def load_optimizer_dcp(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _presize_factors(state: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Replace every factor of the skeleton whose size differs from the saved one."""
+    """Replace every factor of the skeleton whose size differs from the saved one.
+
+    A dense-EMA sketch the checkpoint does not hold (saved by the sharded step, which keeps
+    none) is dropped from the skeleton: the optimizer starts it from the loaded factors.
+    """
     for fqn, entries in state["state"].items():
+        if "exp_avg_sq_sketch" in entries and f"{_DCP_PREFIX}.state.{fqn}.exp_avg_sq_sketch" not in saved:
+            del entries["exp_avg_sq_sketch"]
         for key in _FACTOR_KEYS:
             meta = saved.get(f"{_DCP_PREFIX}.state.{fqn}.{key}")
             if key not in entries or meta is None or tuple(meta.size) == tuple(entries[key].shape):

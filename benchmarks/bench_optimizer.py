@@ -123,7 +123,10 @@ def build_optimizers(params, include_patch: bool, include_fixed: bool):
     if include_patch:
         optimizers["Adapprox b1=0.9, S-RSI v0"] = (Adapprox(params, lr=LR, foreach=False), PATCHES)
     if include_fixed:
-        optimizers["Adapprox b1=0.9, k=k_max"] = (Adapprox(params, lr=LR, rank_init=192, rank_min=192, foreach=False), None)
+        optimizers["Adapprox b1=0.9, k=k_max"] = (
+            Adapprox(params, lr=LR, rank_init=192, rank_min=192, foreach=False),
+            None,
+        )
     return optimizers
 
 

@@ -39,11 +39,27 @@ def make_large_checkpoint(path: Path, rows: int, cols: int, count: int) -> Path:
     for i in range(count):
         r, c = torch.rand(rows, 1, generator=g), torch.rand(1, cols, generator=g)
         noise = torch.rand(rows, cols, generator=g) * 0.05
-        state[i] = {"step": torch.tensor(100.0), "exp_avg": torch.randn(rows, cols, generator=g) * 1e-3,
-                    "exp_avg_sq": (r * c + noise) * 1e-6}
-    groups = [{"params": list(range(count)), "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-               "weight_decay": 0.1, "amsgrad": False, "maximize": False, "foreach": None,
-               "capturable": False, "differentiable": False, "fused": None, "decoupled_weight_decay": True}]
+        state[i] = {
+            "step": torch.tensor(100.0),
+            "exp_avg": torch.randn(rows, cols, generator=g) * 1e-3,
+            "exp_avg_sq": (r * c + noise) * 1e-6,
+        }
+    groups = [
+        {
+            "params": list(range(count)),
+            "lr": 1e-3,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": None,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": True,
+        }
+    ]
     torch.save({"state": state, "param_groups": groups}, path)
     return path
 
@@ -96,16 +112,29 @@ def main() -> None:
                     medians = {c: median(v) for c, v in times.items()}
                     best = min(medians.values())
                     for c in counts:
-                        results.append({"load": load, "command": name, "threads": c,
-                                        "median_s": medians[c], "vs_best": medians[c] / best})
-                    print(f"load {load} {name}: " + ", ".join(f"{c}t {medians[c]:.2f}s" for c in counts), flush=True)
+                        results.append(
+                            {
+                                "load": load,
+                                "command": name,
+                                "threads": c,
+                                "median_s": medians[c],
+                                "vs_best": medians[c] / best,
+                            }
+                        )
+                    print(
+                        f"load {load} {name}: " + ", ".join(f"{c}t {medians[c]:.2f}s" for c in counts),
+                        flush=True,
+                    )
             finally:
                 for p in spinners:
                     p.terminate()
                     p.join()
     rows = [[r["load"], r["command"], r["threads"], r["median_s"], r["vs_best"]] for r in results]
-    print_table(f"CLI wall time by thread count ({cores} cores; medians of {args.rounds})",
-                ["busy procs", "command", "threads", "median s", "/ best"], rows)
+    print_table(
+        f"CLI wall time by thread count ({cores} cores; medians of {args.rounds})",
+        ["busy procs", "command", "threads", "median s", "/ best"],
+        rows,
+    )
     write_json(args.json, {"environment": environment(), "cores": cores, "results": results})
 
 
