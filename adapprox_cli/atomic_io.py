@@ -56,7 +56,7 @@ def remove_stale_temporaries(path: Path) -> None:
     for leftover in path.parent.glob(pattern):
         pid_text = leftover.name.rpartition(TEMPORARY_MARK)[2].partition("-")[0]
         if pid_text.isdigit() and not _running(int(pid_text)):
-            _remove(leftover)
+            remove_path(leftover)
 
 
 def _running(pid: int) -> bool:
@@ -71,7 +71,8 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree if it is there; errors are ignored (best effort)."""
     with contextlib.suppress(OSError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -165,7 +166,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from exc
         raise
     finally:
-        _remove(temporary)
+        remove_path(temporary)
     return path
 
 
@@ -181,7 +182,7 @@ _FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a fu
 
 def install_file(temporary: Path, path: Path) -> None:
     """Give a finished temporary file the umask's mode, make it durable and rename it onto ``path``."""
-    os.chmod(temporary, 0o666 & ~_umask())
+    os.chmod(temporary, 0o666 & ~current_umask())
     _fsync_file(temporary)
     os.replace(temporary, path)
     fsync_directory(path.parent)
@@ -217,7 +218,7 @@ def install_directory(temporary: Path, destination: Path) -> None:
         if not os.path.lexists(destination):
             os.replace(temporary, destination)
         elif _exchange(temporary, destination):
-            _remove(temporary)  # now holds the old target
+            remove_path(temporary)  # now holds the old target
         else:
             aside = (
                 destination.parent / f".{destination.name}.adapprox-old-{os.getpid()}-{secrets.token_hex(4)}"
@@ -228,7 +229,7 @@ def install_directory(temporary: Path, destination: Path) -> None:
             except BaseException:
                 os.replace(aside, destination)  # put the old target back
                 raise
-            _remove(aside)
+            remove_path(aside)
         fsync_directory(destination.parent)
     except OSError as exc:
         raise write_error(exc, destination) from exc
@@ -269,7 +270,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # The umask can only be read by setting it; set it straight back.
     mask = os.umask(0o022)
     os.umask(mask)

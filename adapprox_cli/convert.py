@@ -35,9 +35,11 @@ from torch import Tensor
 from adapprox_cli.atomic_io import (
     atomic_write,
     check_target,
+    current_umask,
     install_directory,
     install_file,
     new_temporary_directory,
+    remove_path,
     temporary_path,
     write_error,
 )
@@ -567,12 +569,12 @@ def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str
         _copy_tree(source, temporary, skip=set(replace))
         for name, obj in replace.items():
             _write_torch(obj, temporary / name)
-            os.chmod(temporary / name, 0o666 & ~_umask())
+            os.chmod(temporary / name, 0o666 & ~current_umask())
         install_directory(temporary, destination)
     except OSError as exc:
         raise write_error(exc, destination) from exc
     finally:
-        _remove(temporary)
+        remove_path(temporary)
 
 
 def _copy_tree(source: Path, destination: Path, skip: set[str]) -> None:
@@ -608,20 +610,6 @@ def _copy_tree(source: Path, destination: Path, skip: set[str]) -> None:
                     f"{src} is not a regular file (a pipe, socket or device); remove it from the checkpoint "
                     "directory or pass --format plain"
                 )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -750,7 +738,7 @@ def convert_checkpoint(
                 except OSError as exc:
                     raise write_error(exc, output) from exc
         finally:
-            _remove(staged)
+            remove_path(staged)
     report.output, report.output_format = str(output), fmt
     return report
 

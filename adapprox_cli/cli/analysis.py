@@ -84,25 +84,16 @@ class _AnalysisCommand(TyperCommand):
 
 
 def _show_progress(json_output: bool) -> bool:
-    from adapprox_cli.render import stderr_console
+    from adapprox_cli.render import show_progress
 
-    return not json_output and stderr_console().is_terminal
+    return show_progress(json_output)
 
 
-@contextlib.contextmanager
-def _progress(description: str, enabled: bool) -> Iterator[Any]:
+def _progress(description: str, enabled: bool):
     """A bar on stderr driven by the library's ``progress(done, total, name)`` callback."""
-    from adapprox_cli.render import progress, safe_text
+    from adapprox_cli.render import callback_progress
 
-    with progress(enabled) as bar:
-        task = bar.add_task(safe_text(description), total=None)
-
-        def update(done: int, total: int, name: str) -> None:
-            bar.update(
-                task, completed=done, total=total, description=safe_text(f"{description} {name}".rstrip())
-            )
-
-        yield update
+    return callback_progress(description, enabled)
 
 
 @contextlib.contextmanager
