@@ -281,6 +281,16 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _DASHES = ("-", "--", ":")
 
 
+def _finish_step_axes(axes, xs, labels, xlabel: str, *, legends) -> None:
+    """Training-step x axes with their ticks and grid; legends outside, right of the plot."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        _steps_ticks(ax, xs, labels)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in legends:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
 def _steps_ticks(ax: Any, xs: list[float], labels: list[str] | None) -> None:
     """Steps on a log axis when they span decades (10, 50, 300 ...), labelled where few."""
     if labels is None and min(xs) > 0 and max(xs) / min(xs) >= 20:
@@ -334,11 +344,7 @@ def plot_compare_run(run: RunReport, path: str | Path, *, max_lines: int = 6) ->
     _scale_for(right, drawn)
     note = _subset_note(shown, len(matrices))
     right.set_title(f"{focus} per matrix" + _under(prefix) + (f"\n{note}" if note else ""), fontsize=9)
-    for ax in (left, right):
-        ax.set_xlabel(xlabel)
-        _steps_ticks(ax, xs, labels)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _finish_step_axes((left, right), xs, labels, xlabel, legends=(left, right))
     fig.suptitle(_run_title(run, "Second-moment approximation error"))
     return _save(fig, path)
 
@@ -364,11 +370,7 @@ def plot_spectrum_run(run: RunReport, path: str | Path, *, max_lines: int = 6) -
     _scale_for(right, drawn_right)
     note = _subset_note(shown, len(matrices))
     what = "second" if reports[0].settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
-    for ax in (left, right):
-        ax.set_xlabel(xlabel)
-        _steps_ticks(ax, xs, labels)
-        ax.grid(True, which="both", alpha=0.3)
-    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _finish_step_axes((left, right), xs, labels, xlabel, legends=(right,))
     fig.suptitle(
         _run_title(run, f"Spectrum of the {what} moment") + _under(prefix) + (f"\n{note}" if note else ""),
         fontsize=10,
@@ -405,10 +407,6 @@ def plot_estimate_run(run: RunReport, path: str | Path) -> Path:
     _scale_for(right, drawn)
     right.set_ylabel(f"optimizer state ({unit})")
     right.set_title("Optimizer-state memory", fontsize=9)
-    for ax in (left, right):
-        ax.set_xlabel(xlabel)
-        _steps_ticks(ax, xs, labels)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _finish_step_axes((left, right), xs, labels, xlabel, legends=(left, right))
     fig.suptitle(_run_title(run, "Ranks and memory"))
     return _save(fig, path)
