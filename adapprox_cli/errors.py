@@ -13,6 +13,25 @@ class InputError(AdapproxError):
     exit_code = 2
 
 
+class ParameterError(InputError, ValueError):
+    """A bad argument value, told in the terms of whoever passed it.
+
+    ``template`` names the parameter as ``{name}``: from Python the message reads
+    ``power_iters must be >= 0, got -1``, and the CLI, which knows that ``compare_methods``'s
+    ``power_iters`` is its ``--iters``, prints ``--iters must be >= 0, got -1`` through
+    ``spelled(...)``. Also a ``ValueError``, as ``torch.optim`` raises for a bad hyper-parameter.
+    """
+
+    def __init__(self, parameter: str, template: str):
+        self.parameter = parameter
+        self.template = template
+        super().__init__(self.spelled(parameter))
+
+    def spelled(self, name: str) -> str:
+        """The message with the parameter called ``name`` (a flag such as ``--iters``)."""
+        return self.template.replace("{name}", name)
+
+
 class UnsafeCheckpointError(InputError):
     """A checkpoint needs pickled globals outside the allowlist; loading it would run its code."""
 

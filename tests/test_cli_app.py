@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from adapprox_cli import __version__
 from adapprox_cli.cli.app import app
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
+from adapprox_cli.validation import check_at_least
 
 runner = CliRunner()
 
@@ -20,6 +21,11 @@ def _raise_for_tests(kind: str = "input") -> None:
     if kind == "input":
         raise InputError("model.pt: not a checkpoint; pass the file torch.save wrote")
     raise RuntimeError("kaput")
+
+
+@app.command("_bad-parameter-for-tests", hidden=True)
+def _bad_parameter_for_tests(iters: int = 0, parameter: str = "power_iters") -> None:
+    check_at_least(iters, 0, parameter)
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +136,17 @@ def test_demo_reports_progress_over_both_runs():
     assert [r.optimizer for r in runs] == ["AdamW", "Adapprox"]
     assert [c[:2] for c in calls] == [(i, 6) for i in range(1, 7)]
     assert [c[2] for c in calls] == ["AdamW"] * 3 + ["Adapprox"] * 3
+
+
+def test_a_bad_parameter_is_named_in_python_terms_by_the_library_and_by_its_flag_in_the_cli():
+    with pytest.raises(ParameterError, match=r"^power_iters -1: must be an integer >= 0$") as caught:
+        check_at_least(-1, 0, "power_iters")
+    assert isinstance(caught.value, ValueError) and caught.value.parameter == "power_iters"
+    # compare_methods' power_iters is the --iters option
+    result = runner.invoke(app, ["_bad-parameter-for-tests", "--iters", "-1"])
+    assert result.exit_code == 2
+    assert "Error: --iters -1: must be an integer >= 0" in result.output
+    assert "power_iters" not in result.output
+    # a parameter the command has no option for keeps its Python name rather than a made-up flag
+    result = runner.invoke(app, ["_bad-parameter-for-tests", "--iters", "-1", "--parameter", "sketch_width"])
+    assert result.exit_code == 2 and "Error: sketch_width -1: must be an integer >= 0" in result.output

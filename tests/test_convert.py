@@ -338,5 +338,5 @@ def test_conversion_reports_progress_per_parameter():
     names = {i: f"p{i}" for i in range(6)}  # two Linear layers and a LayerNorm: 6 parameters
     convert.adamw_to_adapprox(opt.state_dict(), names=names, progress=lambda *call: calls.append(call))
     assert calls == [(i, 6, f"p{i}") for i in range(6)] + [(6, 6, "")]
-    with pytest.raises(InputError, match=r"--tol 2: must be in \[0, 1\)"):
+    with pytest.raises(InputError, match=r"tol 2: must be in \[0, 1\)"):
         convert.adamw_to_adapprox(opt.state_dict(), tol=2)

@@ -262,8 +262,10 @@ def test_convert_stores_the_exact_sketch_the_optimizer_continues():
     beta2 = 0.95
     assert opt.param_groups[0]["betas"][1] == beta2
     dense = adamw.state[param]["exp_avg_sq"].double()
-    torch.testing.assert_close(
-        opt.state[param]["exp_avg_sq_sketch"].double(), dense.T @ omega, rtol=1e-5, atol=0
-    )
+    # Each sketch entry is a signed sum, so float32 rounding is bounded by the sum of |terms|,
+    # not by the (possibly cancelled) entry itself.
+    rounding_scale = dense.T.abs() @ omega.abs()
+    error = (opt.state[param]["exp_avg_sq_sketch"].double() - dense.T @ omega).abs()
+    assert (error <= 1e-5 * rounding_scale).all(), (error / rounding_scale).max()
     product = (opt.state[param]["exp_avg_sq_q"] @ opt.state[param]["exp_avg_sq_u"].T).double().clamp(min=0.0)
     assert lowrank.relative_error(dense, product) <= 1.3 * 0.05

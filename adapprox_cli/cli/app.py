@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from adapprox_cli import __version__
-from adapprox_cli.errors import AdapproxError
+from adapprox_cli.errors import AdapproxError, ParameterError
 
 _debug_flag = False  # set from --debug by the root callback on every invocation
 
@@ -71,6 +71,31 @@ class _App(typer.Typer):
         return super().command(*args, cls=cls or _Command, **kwargs)
 
 
+# Library parameters whose command option has another name (``compare_methods(power_iters=)`` is
+# ``compare --iters``); every other parameter is found under its own name among the options.
+_OPTION_OF_PARAMETER = {
+    "power_iters": "iters",
+    "learning_rate": "lr",
+    "pattern": "params",
+    "tolerances": "tol",
+    "fixed_ranks": "rank",
+    "ranks": "rank",
+    "preset": "shapes",
+    "spectrum_method": "method",
+}
+
+
+def _message(exc: AdapproxError, command) -> str:
+    """The error as the command's user reads it: a bad parameter is named by its flag."""
+    if not isinstance(exc, ParameterError) or command is None:
+        return str(exc)
+    wanted = _OPTION_OF_PARAMETER.get(exc.parameter, exc.parameter)
+    for param in command.params:
+        if param.name in (wanted, exc.parameter) and param.opts and param.param_type_name == "option":
+            return exc.spelled(max(param.opts, key=len))
+    return str(exc)
+
+
 class _ErrorReportingGroup(TyperGroup):
     """Turns library errors into a one-line message and an exit code instead of a traceback."""
 
@@ -90,7 +115,8 @@ class _ErrorReportingGroup(TyperGroup):
         except AdapproxError as exc:
             if debug_enabled():
                 raise
-            _print_error(str(exc))
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            _print_error(_message(exc, command))
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise

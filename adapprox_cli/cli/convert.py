@@ -82,7 +82,7 @@ def convert_command(
 
     if to is not None and to not in ("adapprox", "adamw"):
         raise InputError(f"--to {to!r}: choose adapprox or adamw")
-    for option, value in (("--rank", rank), ("--rank-max", rank_max)):
+    for option, value in (("rank", rank), ("rank_max", rank_max)):
         if value is not None:
             check_at_least(value, 1, option)
     if beta1 is not None:

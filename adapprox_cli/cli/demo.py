@@ -25,7 +25,7 @@ def demo(
     from adapprox_cli.demo import demo_to_dict, run_demo
     from adapprox_cli.validation import check_at_least
 
-    check_at_least(steps, 1, "--steps")
+    check_at_least(steps, 1, "steps")
 
     with render.callback_progress("training", render.show_progress(json_output)) as update:
         runs = run_demo(steps=steps, seed=seed, progress=update)

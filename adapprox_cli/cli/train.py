@@ -217,7 +217,7 @@ def train_command(
     steps_given = getattr(ctx.get_parameter_source("steps"), "name", None) == "COMMANDLINE"
     if steps_given and until is not None:
         raise InputError("--steps and --until both say how long to train: pass one of them")
-    check_at_least(steps, 1, "--steps")
+    check_at_least(steps, 1, "steps")
     if plot is not None:
         from adapprox_cli.plots import check_plot_path
 

@@ -680,30 +680,30 @@ def _stop_on_signals(enabled: bool) -> Iterator[dict[str, Any]]:
 
 
 def _validate(config: TrainConfig) -> None:
-    """Refuse impossible settings before anything is read, with the option's CLI name."""
-    check_at_least(config.steps, 0, "--steps")
+    """Refuse impossible settings before anything is read, naming the TrainConfig field."""
+    check_at_least(config.steps, 0, "steps")
     if config.until is not None:
-        check_at_least(config.until, 1, "--until")
-    check_at_least(config.grad_accum, 1, "--grad-accum")
-    check_at_least(config.eval_iters, 1, "--eval-iters")
+        check_at_least(config.until, 1, "until")
+    check_at_least(config.grad_accum, 1, "grad_accum")
+    check_at_least(config.eval_iters, 1, "eval_iters")
     for name in ("batch_size", "block_size"):
         if getattr(config, name) is not None:
-            check_at_least(getattr(config, name), 1, f"--{name.replace('_', '-')}")
+            check_at_least(getattr(config, name), 1, name)
     if config.eval_interval is not None:
-        check_at_least(config.eval_interval, 0, "--eval-interval", "only at the end")
-    check_at_least(config.save_interval, 0, "--save-interval", "only at the end")
+        check_at_least(config.eval_interval, 0, "eval_interval", "only at the end")
+    check_at_least(config.save_interval, 0, "save_interval", "only at the end")
     for name in ("warmup_iters", "lr_decay_iters"):
         if getattr(config, name) is not None:
-            check_at_least(getattr(config, name), 0, f"--{name.replace('_', '-')}")
+            check_at_least(getattr(config, name), 0, name)
     if config.learning_rate is not None:
-        check_learning_rate(config.learning_rate, "--lr")
+        check_learning_rate(config.learning_rate, "learning_rate")
     if config.min_lr is not None:
-        check_learning_rate(config.min_lr, "--min-lr")
+        check_learning_rate(config.min_lr, "min_lr")
     options = config.optimizer_options
     if options.get("tol") is not None:
         check_tol(options["tol"])
     if options.get("rank_max") is not None:
-        check_at_least(options["rank_max"], 1, "--rank-max")
+        check_at_least(options["rank_max"], 1, "rank_max")
     if options.get("beta1") is not None:
         check_beta(options["beta1"])
     if config.resume and config.force:
