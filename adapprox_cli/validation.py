@@ -24,7 +24,9 @@ def check_tol(value: Any, parameter: str = "tol") -> float:
     try:
         tol = float(value)
     except (TypeError, ValueError):
-        raise ParameterError(parameter, f"{{name}} {value!r}: expected a number in [0, 1), e.g. 0.05") from None
+        raise ParameterError(
+            parameter, f"{{name}} {value!r}: expected a number in [0, 1), e.g. 0.05"
+        ) from None
     if not 0 <= tol < 1:
         raise ParameterError(
             parameter,
@@ -38,7 +40,9 @@ def check_learning_rate(value: Any, parameter: str = "lr") -> float:
     """A finite learning rate >= 0."""
     rate = float(value)
     if not (math.isfinite(rate) and rate >= 0):
-        raise ParameterError(parameter, f"{{name}} {value}: a learning rate must be a finite number >= 0, e.g. 3e-4")
+        raise ParameterError(
+            parameter, f"{{name}} {value}: a learning rate must be a finite number >= 0, e.g. 3e-4"
+        )
     return rate
 
 
