@@ -27,7 +27,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from adapprox_cli.errors import InputError, OutputError
+from adapprox_cli.errors import InputError, OutputError, ParameterError
 
 __all__ = [
     "TEMPORARY_MARK",
@@ -102,7 +102,7 @@ def check_target(
     if mode is None:
         return
     if not force:
-        raise InputError(f"{path} exists; pass --force to replace it")
+        raise ParameterError("force", f"{path} exists; pass {{name}} to replace it")
     if stat.S_ISDIR(mode) and directory is False:
         raise InputError(f"{path} is a directory; the output is a single file: choose a file path")
     if stat.S_ISREG(mode) and directory is True:

@@ -1,4 +1,4 @@
-"""Where to compute: one parser for every command's --device option."""
+"""Where to compute: one parser for every ``device`` argument (each command's --device)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import ParameterError
 
 __all__ = ["resolve_device"]
 
@@ -20,15 +20,17 @@ def resolve_device(spec: str | torch.device) -> torch.device:
         return torch.device("cpu")
     if re.fullmatch(r"cuda(:\d+)?", text):
         if not torch.cuda.is_available():
-            raise InputError(
-                f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
-                f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use --device cpu or auto"
+            raise ParameterError(
+                "device",
+                f"{{name}} {text}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use {{name}} cpu or auto",
             )
         device = torch.device(text)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(
-                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible; "
-                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            raise ParameterError(
+                "device",
+                f"{{name}} {text}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}",
             )
         return device
-    raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    raise ParameterError("device", f"{{name}} must be auto, cpu, cuda or cuda:N, got {spec!r}")

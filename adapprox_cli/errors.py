@@ -13,13 +13,14 @@ class InputError(AdapproxError):
     exit_code = 2
 
 
-class ParameterError(InputError, ValueError):
+class ParameterError(InputError):
     """A bad argument value, told in the terms of whoever passed it.
 
     ``template`` names the parameter as ``{name}``: from Python the message reads
     ``power_iters must be >= 0, got -1``, and the CLI, which knows that ``compare_methods``'s
     ``power_iters`` is its ``--iters``, prints ``--iters must be >= 0, got -1`` through
-    ``spelled(...)``. Also a ``ValueError``, as ``torch.optim`` raises for a bad hyper-parameter.
+    ``spelled(...)``. Not a ``ValueError``: the loaders turn a ValueError from inside a malformed
+    container into "does not have the structure its format implies", which a bad argument is not.
     """
 
     def __init__(self, parameter: str, template: str):

@@ -15,9 +15,11 @@ from checkpoint_factories import (
     make_sgd,
 )
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from adapprox_cli.checkpoints import load_checkpoint
-from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.cli.app import app
+from adapprox_cli.errors import InputError, ParameterError, UnsupportedStateError
 
 
 @pytest.mark.parametrize(
@@ -70,6 +72,11 @@ def test_optimizer_index_only_where_there_are_several(tmp_path):
     first, _ = make_lightning(tmp_path)
     with pytest.raises(InputError, match=r"0\.\.1"):
         load_checkpoint(first.path, optimizer_index=5)
+    # in Python terms from the library; the CLI names its flag
+    with pytest.raises(ParameterError, match=r"optimizer_index 5 is out of range"):
+        load_checkpoint(first.path, optimizer_index=5)
+    result = CliRunner().invoke(app, ["inspect", str(first.path), "--optimizer-index", "5"])
+    assert result.exit_code == 2 and "--optimizer-index 5 is out of range" in result.output
 
 
 def test_malformed_container_is_an_input_error(tmp_path):

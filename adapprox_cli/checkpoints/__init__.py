@@ -23,7 +23,7 @@ from adapprox_cli.checkpoints.formats import CheckpointFormat, checkpoint_format
 from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetensors
 from adapprox_cli.checkpoints.safe_load import check_readable_file, restricted_unpickle, safe_torch_load
 from adapprox_cli.checkpoints.summary import describe_checkpoint
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 
 FORMATS = tuple(f.name for f in registry())  # every format name, in detection order
 
@@ -63,7 +63,7 @@ def load_checkpoint(
     """Load the optimizer state of any supported checkpoint (see the module docstring)."""
     path = Path(path).expanduser()
     if optimizer_index < 0:
-        raise InputError(f"--optimizer-index must be >= 0, got {optimizer_index}")
+        raise ParameterError("optimizer_index", f"{{name}} must be >= 0, got {optimizer_index}")
     try:
         checkpoint = _load(path, trust_checkpoint, optimizer_index)
         check_declared_shapes(checkpoint)
@@ -88,9 +88,10 @@ def _load(path: Path, trust_checkpoint: bool, optimizer_index: int) -> Optimizer
 
 def _check_single_optimizer(path: Path, fmt: CheckpointFormat, optimizer_index: int) -> None:
     if optimizer_index and not fmt.several_optimizers:
-        raise InputError(
-            f"{path} is a {fmt.name} checkpoint with one optimizer; --optimizer-index applies to Lightning, accelerate "
-            "and DCP checkpoints with several (drop the option)"
+        raise ParameterError(
+            "optimizer_index",
+            f"{path} is a {fmt.name} checkpoint with one optimizer; {{name}} applies to Lightning, accelerate "
+            "and DCP checkpoints with several (leave it at 0)",
         )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint, ParamState, optimizer_state_bytes
 from adapprox_cli.checkpoints.formats import checkpoint_format, registry
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import ParameterError
 from adapprox_cli.formatting import dtype_name
 
 
@@ -18,7 +18,9 @@ def compile_params_regex(pattern: str | None) -> re.Pattern | None:
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise InputError(f"--params {pattern!r} is not a valid regular expression ({exc})") from None
+        raise ParameterError(
+            "pattern", f"{{name}} {pattern!r} is not a valid regular expression ({exc})"
+        ) from None
 
 
 def select_params(ck: OptimizerCheckpoint, pattern: str | None) -> list[ParamState]:

@@ -16,7 +16,7 @@ from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.formats.hf_trainer import hf_candidates, load_model_state, read_json
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 
 _OPTIMIZER_FILE = re.compile(r"^optimizer(?:_(\d+))?\.bin$")
 
@@ -35,9 +35,10 @@ def load_accelerate(
 ) -> OptimizerCheckpoint:
     files = optimizer_files(path)
     if not 0 <= optimizer_index < len(files):
-        raise InputError(
-            f"{path} has {len(files)} optimizer file(s); --optimizer-index {optimizer_index} is out of range "
-            f"(use 0..{len(files) - 1})"
+        raise ParameterError(
+            "optimizer_index",
+            f"{path} has {len(files)} optimizer file(s); {{name}} {optimizer_index} is out of range "
+            f"(use 0..{len(files) - 1})",
         )
     optimizer_file = files[optimizer_index]
     obj = safe_torch_load(optimizer_file, trust_checkpoint=trust_checkpoint)
@@ -53,7 +54,7 @@ def load_accelerate(
     warnings = []
     if len(files) > 1:
         warnings.append(
-            f"the directory has {len(files)} optimizers; showing {optimizer_file.name} (--optimizer-index)"
+            f"the directory has {len(files)} optimizers; showing {optimizer_file.name} (choose another with the optimizer index)"
         )
     return build_checkpoint(
         osd,

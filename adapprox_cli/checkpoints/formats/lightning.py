@@ -15,7 +15,7 @@ from adapprox_cli.checkpoints import names as naming
 from adapprox_cli.checkpoints.core import OptimizerCheckpoint, is_optimizer_state_dict
 from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 
 
 def is_lightning(obj: Any) -> bool:
@@ -33,9 +33,10 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
             f"{path} has no optimizer state (optimizer_states is empty): it was saved without optimizer"
         )
     if not 0 <= optimizer_index < len(states):
-        raise InputError(
-            f"{path} has {len(states)} optimizer(s); --optimizer-index {optimizer_index} is out of range "
-            f"(use 0..{len(states) - 1})"
+        raise ParameterError(
+            "optimizer_index",
+            f"{path} has {len(states)} optimizer(s); {{name}} {optimizer_index} is out of range "
+            f"(use 0..{len(states) - 1})",
         )
     osd = states[optimizer_index]
     if not is_optimizer_state_dict(osd):
@@ -46,7 +47,7 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
     if len(states) > 1:
         warnings.append(
             f"the checkpoint has {len(states)} optimizers; showing optimizer {optimizer_index} "
-            "(choose another with --optimizer-index)"
+            "(choose another with the optimizer index)"
         )
     global_step = obj.get("global_step")
     return build_checkpoint(
