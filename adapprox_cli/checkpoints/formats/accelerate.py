@@ -16,7 +16,7 @@ from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.formats.hf_trainer import hf_candidates, load_model_state, read_json
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
-from adapprox_cli.errors import InputError, ParameterError
+from adapprox_cli.errors import ParameterError
 
 _OPTIMIZER_FILE = re.compile(r"^optimizer(?:_(\d+))?\.bin$")
 
