@@ -43,13 +43,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from adapprox_cli.errors import AdapproxError, InputError
-from adapprox_cli.lowrank import _srsi_batched, adaptive_rank, matrix_view_shape, seeded_generator
-from adapprox_cli.optim import (
-    _gradient_in_compute_dtype,
-    _gradient_limit,
-    _rank_k_max,
-    _warn_skipped,
-)
+from adapprox_cli.lowrank import _srsi_batched, adaptive_rank, matrix_view_shape, rank_cap, seeded_generator
+from adapprox_cli.optim import _gradient_in_compute_dtype, _gradient_limit, _warn_skipped
 
 __all__ = [
     "CollectiveTime",
@@ -292,7 +287,7 @@ def sharded_adapprox(
         v = torch.bmm(q_prev, u_prev.mT).clamp_(min=0.0).mul_(beta2)
         g2d = [local_grads[i].reshape(-1, n) for i in members]
         torch._foreach_addcmul_(list(v.unbind(0)), g2d, g2d, value=1.0 - beta2)
-        k_max = _rank_k_max(m, n, rank_max)
+        k_max = rank_cap(m, n, rank_max)
         sketch_rank = min(current_rank, k_max)
         width = min(sketch_rank + oversample, m, n)
         kept = min(current_rank, width) if warm else 0

@@ -36,12 +36,12 @@ from adapprox_cli.lowrank import (  # is_factored: the shape rule, re-exported a
     _sketched_distances,
     _srsi,
     _srsi_batched,
-    default_rank_max,
     dense_ema_rank,
     is_factored,
     matrix_view_shape,
     moment_sketch,
     moment_sketch_test_matrix,
+    rank_cap,
     seeded_generator,
 )
 
@@ -685,10 +685,6 @@ def _rebuild_second_moment(g2d: Tensor, q_prev: Tensor, u_prev: Tensor, beta2: f
     return v
 
 
-def _rank_k_max(m: int, n: int, rank_max: int | None) -> int:
-    return default_rank_max(m, n) if rank_max is None else min(rank_max, m, n)
-
-
 # --------------------------------------------------------------------------- dense-EMA sketch
 # [decided] rank_rule="dense": S_t = D_t Omega is kept exactly for the dense EMA D_t Adam would
 # hold, on the smaller side of the matrix (S = D^T Omega for a tall one), so it stores
@@ -774,7 +770,7 @@ def _single_tensor_adapprox(
         q_prev, u_prev = state["exp_avg_sq_q"], state["exp_avg_sq_u"]
         v = _rebuild_second_moment(g2d, q_prev, u_prev, beta2)
         current_rank = q_prev.shape[1]
-        k_max = _rank_k_max(m, n, rank_max)
+        k_max = rank_cap(m, n, rank_max)
         evaluate, jump = (step - 1) % rank_interval == 0, False
         if rank_rule == "dense":
             omega = moment_sketch_test_matrix(m, n, seed=seed, index=index, dtype=v.dtype, device=v.device)
@@ -967,7 +963,7 @@ def _multi_tensor_adapprox(
         v = torch.bmm(q_prev, u_prev.mT).clamp_(min=0.0).mul_(beta2)
         g2d = [grads_c[i].reshape(m, n) for i in positions]
         torch._foreach_addcmul_(list(v.unbind(0)), g2d, g2d, value=1.0 - beta2)
-        k_max = _rank_k_max(m, n, rank_max)
+        k_max = rank_cap(m, n, rank_max)
         sketch_rank = k_max if jump else min(current_rank, k_max)
         width = min(sketch_rank + oversample, m, n)
         kept = min(current_rank, width) if warm else 0
