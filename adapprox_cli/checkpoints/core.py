@@ -16,8 +16,21 @@ from typing import Any
 
 import torch
 
-from adapprox_cli.errors import InputError, UnsupportedStateError
+from adapprox_cli.errors import InputError, ParameterError, UnsupportedStateError
 from adapprox_cli.lowrank import matrix_view_shape  # the one shape rule; re-exported here
+
+
+def check_optimizer_index(path: Path, optimizer_index: int, count: int, held: str) -> None:
+    """Refuse an ``optimizer_index`` outside the ``count`` optimizers a container holds.
+
+    ``held`` says what there are ``count`` of ("optimizer file(s)", "optimizer state(s)").
+    """
+    if not 0 <= optimizer_index < count:
+        raise ParameterError(
+            "optimizer_index",
+            f"{path} has {count} {held}; {{name}} {optimizer_index} is out of range (use 0..{count - 1})",
+        )
+
 
 SECOND_MOMENT_KEY = "exp_avg_sq"
 FACTOR_KEYS = ("exp_avg_sq_q", "exp_avg_sq_u")

@@ -11,12 +11,11 @@ import re
 from pathlib import Path
 
 from adapprox_cli.checkpoints import names as naming
-from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint, check_optimizer_index
 from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.formats.hf_trainer import hf_candidates, load_model_state, read_json
 from adapprox_cli.checkpoints.safe_load import safe_torch_load
 from adapprox_cli.checkpoints.torch_state import build_checkpoint, find_optimizer_state_dict
-from adapprox_cli.errors import ParameterError
 
 _OPTIMIZER_FILE = re.compile(r"^optimizer(?:_(\d+))?\.bin$")
 
@@ -34,12 +33,7 @@ def load_accelerate(
     path: Path, *, trust_checkpoint: bool = False, optimizer_index: int = 0
 ) -> OptimizerCheckpoint:
     files = optimizer_files(path)
-    if not 0 <= optimizer_index < len(files):
-        raise ParameterError(
-            "optimizer_index",
-            f"{path} has {len(files)} optimizer file(s); {{name}} {optimizer_index} is out of range "
-            f"(use 0..{len(files) - 1})",
-        )
+    check_optimizer_index(path, optimizer_index, len(files), "optimizer file(s)")
     optimizer_file = files[optimizer_index]
     obj = safe_torch_load(optimizer_file, trust_checkpoint=trust_checkpoint)
     osd, keys = find_optimizer_state_dict(obj, optimizer_file)

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from adapprox_cli.checkpoints.core import OptimizerCheckpoint
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint, check_optimizer_index
 from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.safe_load import allowed_globals, dcp_metadata_globals, restricted_unpickle
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
-from adapprox_cli.errors import InputError, ParameterError
+from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import natural_key
 
 METADATA_FILE = ".metadata"
@@ -87,12 +87,7 @@ def load_dcp(path: Path, *, optimizer_index: int = 0) -> OptimizerCheckpoint:
             "get_state_dict(model, optimizer) next to the model"
         )
     order = sorted(layouts, key=lambda p: (p is None, natural_key(p or "")))
-    if not 0 <= optimizer_index < len(order):
-        raise ParameterError(
-            "optimizer_index",
-            f"{path} holds {len(order)} optimizer state(s); {{name}} {optimizer_index} is out of range "
-            f"(use 0..{len(order) - 1})",
-        )
+    check_optimizer_index(path, optimizer_index, len(order), "optimizer state(s)")
     layout = layouts[order[optimizer_index]]
     values = _load(path, md, layout)
     osd = _assemble(layout, values, path)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from adapprox_cli.checkpoints import names as naming
-from adapprox_cli.checkpoints.core import OptimizerCheckpoint, is_optimizer_state_dict
+from adapprox_cli.checkpoints.core import OptimizerCheckpoint, check_optimizer_index, is_optimizer_state_dict
 from adapprox_cli.checkpoints.formats import CheckpointFormat
 from adapprox_cli.checkpoints.torch_state import build_checkpoint
-from adapprox_cli.errors import InputError, ParameterError
+from adapprox_cli.errors import InputError
 
 
 def is_lightning(obj: Any) -> bool:
@@ -32,12 +32,7 @@ def load_lightning(path: Path, obj: dict, optimizer_index: int = 0) -> Optimizer
         raise InputError(
             f"{path} has no optimizer state (optimizer_states is empty): it was saved without optimizer"
         )
-    if not 0 <= optimizer_index < len(states):
-        raise ParameterError(
-            "optimizer_index",
-            f"{path} has {len(states)} optimizer(s); {{name}} {optimizer_index} is out of range "
-            f"(use 0..{len(states) - 1})",
-        )
+    check_optimizer_index(path, optimizer_index, len(states), "optimizer(s)")
     osd = states[optimizer_index]
     if not is_optimizer_state_dict(osd):
         raise InputError(f"{path}: optimizer_states[{optimizer_index}] is not an optimizer state dict")
