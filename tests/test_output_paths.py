@@ -18,10 +18,11 @@ import torch
 from checkpoint_factories import make_hf_trainer, make_nanogpt
 from typer.testing import CliRunner
 
-from adapprox_cli import convert as convert_module
 from adapprox_cli.cli import app
+from adapprox_cli.convert import checkpoint as convert_module
 from adapprox_cli.convert import convert_checkpoint
-from adapprox_cli.errors import InputError
+from adapprox_cli.convert import output as convert_output
+from adapprox_cli.errors import AdapproxError, InputError
 
 runner = CliRunner()
 
@@ -158,7 +159,7 @@ def test_disk_full_says_so_and_names_the_target(tmp_path, monkeypatch):
     def full(obj, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(convert_module, "_write_torch", full)
+    monkeypatch.setattr(convert_output, "_write_torch", full)
     with pytest.raises(InputError, match=r"no space left on") as info:
         convert_checkpoint(truth.path, out)
     assert str(out) in str(info.value) and not out.exists() and not temporaries(tmp_path)
@@ -172,7 +173,7 @@ def test_a_read_only_directory_names_the_target(tmp_path, monkeypatch):
     def denied(obj, path):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(convert_module, "_write_torch", denied)
+    monkeypatch.setattr(convert_output, "_write_torch", denied)
     with pytest.raises(InputError) as info:
         convert_checkpoint(truth.path, out)
     message = str(info.value)
@@ -202,10 +203,10 @@ def test_a_failed_verification_leaves_no_file_at_the_target(tmp_path, monkeypatc
     out = tmp_path / "o.pt"
 
     def broken(*args, **kwargs):
-        raise convert_module.AdapproxError("verification failed: injected")
+        raise AdapproxError("verification failed: injected")
 
-    monkeypatch.setattr(convert_module, "_verify_output", broken)
-    with pytest.raises(convert_module.AdapproxError):
+    monkeypatch.setattr(convert_module, "verify_output", broken)
+    with pytest.raises(AdapproxError):
         convert_checkpoint(truth.path, out, verify=True)
     assert not out.exists() and not temporaries(tmp_path)
 
@@ -245,13 +246,14 @@ _SLOW_CONVERT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from adapprox_cli import convert
-real = convert._write_torch
+from adapprox_cli.convert import output
+real = output._write_torch
 
 def slow(obj, path):
     real(obj, path)
     time.sleep(60)  # killed here: the temporary file is complete but never renamed
 
-convert._write_torch = slow
+output._write_torch = slow
 convert.convert_checkpoint({source!r}, {out!r})
 """
 

@@ -10,9 +10,7 @@ import typer
 from adapprox_cli.cli.app import app
 from adapprox_cli.cli.options import CheckpointPath, JsonOption, OptimizerIndexOption, SeedOption, TrustOption
 from adapprox_cli.defaults import DEFAULT_TOL
-from adapprox_cli.errors import InputError
 from adapprox_cli.formatting import format_shape
-from adapprox_cli.validation import check_at_least, check_beta
 
 
 @app.command("convert")
@@ -80,17 +78,6 @@ def convert_command(
     from adapprox_cli.convert import convert_checkpoint
     from adapprox_cli.render import callback_progress, show_progress
 
-    if to is not None and to not in ("adapprox", "adamw"):
-        raise InputError(f"--to {to!r}: choose adapprox or adamw")
-    for option, value in (("rank", rank), ("rank_max", rank_max)):
-        if value is not None:
-            check_at_least(value, 1, option)
-    if beta1 is not None:
-        check_beta(beta1)
-    if verify:  # the input's own checksums first: a flipped byte would be converted faithfully
-        from adapprox_cli.checkpoints.integrity import check_integrity
-
-        check_integrity(path)
     settings = {"rank_max": rank_max, "first_moment": first_moment, "seed": seed}
     with callback_progress("factoring", show_progress(json_output)) as update:
         report = convert_checkpoint(
@@ -103,6 +90,7 @@ def convert_command(
             beta1=beta1,
             force=force,
             verify=verify,
+            check_input=verify,  # --verify also compares the input's own checksums
             trust_checkpoint=trust_checkpoint,
             optimizer_index=optimizer_index,
             progress=update,

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.checkpoints.core import optimizer_state_bytes
 from adapprox_cli.convert import (
     ConversionReport,
@@ -44,7 +45,6 @@ from adapprox_cli.convert import (
     adamw_to_adapprox,
     adapprox_to_adamw,
     atomic_torch_save,
-    atomic_write,
 )
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError

@@ -1,29 +1,15 @@
-"""AdamW <-> Adapprox state migration: ground truth is the exact SVD, real optimizers and the files."""
+"""State-dict migration (``convert.migrate``): ground truth is the exact SVD and real optimizers."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 import torch
-from checkpoint_factories import (
-    make_accelerate,
-    make_deepspeed,
-    make_hf_trainer,
-    make_lightning,
-    make_nanogpt,
-    make_plain,
-)
 from torch import nn
 
-from adapprox_cli import convert
-from adapprox_cli.checkpoints import load_checkpoint
-from adapprox_cli.convert import (
+from adapprox_cli.convert.migrate import (
     adamw_to_adafactor,
     adamw_to_adapprox,
     adapprox_to_adamw,
-    convert_checkpoint,
     factor_second_moment,
 )
 from adapprox_cli.errors import InputError, UnsupportedStateError
@@ -54,12 +40,6 @@ def _adamw_state(model: nn.Module, steps: int = 12) -> torch.optim.AdamW:
         _loss(model, i).backward()
         opt.step()
     return opt
-
-
-def _sha(path: Path) -> str:
-    if path.is_dir():
-        return "".join(_sha(p) for p in sorted(path.rglob("*")) if p.is_file())
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 99) -> None:
@@ -216,127 +196,12 @@ def test_adafactor_seed_matches_adafactor_statistics():
     _step(model, adafactor)
 
 
-# --------------------------------------------------------------------------- files
-
-
-def test_convert_nanogpt_checkpoint_keeps_container_and_input(tmp_path):
-    truth = make_nanogpt(tmp_path)
-    before = _sha(truth.path)
-    out = tmp_path / "converted" / "ckpt.pt"
-    report = convert_checkpoint(truth.path, out, tol=0.05, verify=True)
-    assert _sha(truth.path) == before
-    assert report.verified and report.source_format == "nanogpt" and report.output_format == "nanogpt"
-    assert report.matrices[0].name == "transformer.wte.weight"
-    saved = torch.load(out, weights_only=True)
-    original = torch.load(truth.path, weights_only=True)
-    assert saved["optimizer_kind"] == "adapprox" and saved["adapprox"]["tol"] == 0.05
-    assert saved["iter_num"] == original["iter_num"] and saved["model_args"] == original["model_args"]
-    assert all(torch.equal(saved["model"][k], original["model"][k]) for k in original["model"])
-    reloaded = load_checkpoint(out)
-    assert reloaded.optimizer == "adapprox" and reloaded.format == "nanogpt"
-
-    # And back to AdamW, in the same container.
-    back = tmp_path / "back.pt"
-    report = convert_checkpoint(out, back, verify=True)
-    assert report.target_optimizer == "adamw"
-    saved = torch.load(back, weights_only=True)
-    assert saved["optimizer_kind"] == "adamw" and "adapprox" not in saved
-    assert load_checkpoint(back).optimizer == "adamw"
-
-
-def test_convert_hf_trainer_directory_is_a_copy(tmp_path):
-    truth = make_hf_trainer(tmp_path)
-    before = _sha(truth.path)
-    out = tmp_path / "checkpoint-3-adapprox"
-    report = convert_checkpoint(truth.path, out, verify=True)
-    assert _sha(truth.path) == before
-    assert report.output_format == "hf-trainer"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in truth.path.iterdir())
-    assert (out / "scheduler.pt").read_bytes() == (truth.path / "scheduler.pt").read_bytes()
-    assert load_checkpoint(out).optimizer == "adapprox"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
-def test_convert_to_safetensors_and_plain(tmp_path):
-    truth = make_nanogpt(tmp_path)
-    out = tmp_path / "state.safetensors"
-    report = convert_checkpoint(truth.path, out, output_format="safetensors", rank=1, verify=True)
-    assert all(m.rank == 1 for m in report.matrices)
-    loaded = load_checkpoint(out)
-    assert loaded.format == "adapprox-safetensors" and loaded.optimizer == "adapprox"
-    plain = tmp_path / "adamw.pt"
-    convert_checkpoint(out, plain, output_format="plain", verify=True)
-    state = torch.load(plain, weights_only=True)
-    assert set(state) == {"state", "param_groups"} and "exp_avg_sq" in state["state"][0]
-
-
-def test_refuses_to_overwrite_without_force_and_same_path(tmp_path):
-    truth = make_nanogpt(tmp_path)
-    out = tmp_path / "out.pt"
-    out.write_bytes(b"keep me")
-    with pytest.raises(InputError, match="--force"):
-        convert_checkpoint(truth.path, out)
-    assert out.read_bytes() == b"keep me"
-    convert_checkpoint(truth.path, out, force=True)
-    assert load_checkpoint(out).optimizer == "adapprox"
-    with pytest.raises(InputError, match="is the input"):
-        convert_checkpoint(truth.path, truth.path, force=True)
-    with pytest.raises(InputError, match="already holds"):
-        convert_checkpoint(out, tmp_path / "again.pt", to="adapprox")
-
-
-@pytest.mark.parametrize("kind", ["file", "directory"])
-def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, kind):
-    truth = make_nanogpt(tmp_path) if kind == "file" else make_hf_trainer(tmp_path)
-    out_dir = tmp_path / "dest"
-    out_dir.mkdir()
-    out = out_dir / ("ckpt.pt" if kind == "file" else "checkpoint-3")
-
-    def failing_save(obj, path):
-        Path(path).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(convert, "_write_torch", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        convert_checkpoint(truth.path, out)
-    assert list(out_dir.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    "fmt", ["plain", "plain-bf16", "lightning", "accelerate", "deepspeed"], ids=lambda f: f
-)
-def test_convert_other_formats(tmp_path, fmt):
-    makers = {
-        "plain": lambda: make_plain(tmp_path),
-        "plain-bf16": lambda: make_plain(tmp_path, dtype=torch.bfloat16),
-        "lightning": lambda: make_lightning(tmp_path)[0],
-        "accelerate": lambda: make_accelerate(tmp_path, layers=4),  # (8, 7) is the first factored shape
-        "deepspeed": lambda: make_deepspeed(tmp_path),
-    }
-    truth = makers[fmt]()
-    before = _sha(truth.path)
-    out = tmp_path / "converted" / ("state.safetensors" if fmt == "deepspeed" else truth.path.name)
-    if fmt == "deepspeed":
-        # Sharded formats cannot be rewritten in place; the converted state goes on its own.
-        with pytest.raises(InputError, match="--format safetensors"):
-            convert_checkpoint(truth.path, out)
-    report = convert_checkpoint(
-        truth.path, out, output_format="safetensors" if fmt == "deepspeed" else "auto", verify=True
-    )
-    assert report.verified and report.matrices and _sha(truth.path) == before
-    reloaded = load_checkpoint(out)
-    assert reloaded.optimizer == "adapprox"
-    assert [p.shape for p in reloaded.params] == [tuple(s) for s in truth.shapes]
-    for param in reloaded.params:
-        assert all(t.dtype == torch.float32 for k, t in param.state.items() if k.startswith("exp_avg_sq"))
-
-
 def test_conversion_reports_progress_per_parameter():
     model = _tiny_model()
     opt = _adamw_state(model, steps=2)
     calls = []
     names = {i: f"p{i}" for i in range(6)}  # two Linear layers and a LayerNorm: 6 parameters
-    convert.adamw_to_adapprox(opt.state_dict(), names=names, progress=lambda *call: calls.append(call))
+    adamw_to_adapprox(opt.state_dict(), names=names, progress=lambda *call: calls.append(call))
     assert calls == [(i, 6, f"p{i}") for i in range(6)] + [(6, 6, "")]
     with pytest.raises(InputError, match=r"tol 2: must be in \[0, 1\)"):
-        convert.adamw_to_adapprox(opt.state_dict(), tol=2)
+        adamw_to_adapprox(opt.state_dict(), tol=2)

@@ -1,6 +1,6 @@
-"""AdamW <-> Adapprox optimizer-state migration.
+"""AdamW <-> Adapprox (and AdamW -> Adafactor) state migration: state dict in, state dict out.
 
-Two pure functions over ``torch.optim`` state dicts do the work:
+Pure functions over ``torch.optim`` state dicts; nothing here reads or writes a file.
 
 - ``adamw_to_adapprox``: every factored matrix's dense ``exp_avg_sq`` becomes the low-rank
   factors ``exp_avg_sq_q`` (m x k) and ``exp_avg_sq_u`` (n x k) the optimizer would keep; the rank
@@ -10,41 +10,21 @@ Two pure functions over ``torch.optim`` state dicts do the work:
   so ``Adapprox.load_state_dict`` accepts the result for the same parameters.
 - ``adapprox_to_adamw`` (rollback): the factors are multiplied out, clamp(Q U^T, 0), into a dense
   ``exp_avg_sq`` that ``torch.optim.AdamW`` loads.
-
-``convert_checkpoint`` reads any checkpoint the loader knows, converts its optimizer state and
-writes it back in the container it came in (nanoGPT ``ckpt.pt``, a copy of a Trainer
-``checkpoint-N/`` directory, a plain state dict) or as an adapprox safetensors file. The input is
-never written to; every output goes to a temporary name in the destination directory first and
-is renamed into place, so an interrupted conversion leaves either nothing or a complete file.
+- ``adamw_to_adafactor``: row and column means of ``exp_avg_sq`` seed ``torch.optim.Adafactor``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from adapprox_cli.atomic_io import (
-    atomic_write,
-    check_target,
-    current_umask,
-    install_directory,
-    install_file,
-    new_temporary_directory,
-    remove_path,
-    temporary_path,
-    write_error,
-)
-from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes  # re-exported
-from adapprox_cli.errors import AdapproxError, InputError, UnsupportedStateError
+from adapprox_cli.checkpoints.core import optimizer_state_bytes as state_bytes
+from adapprox_cli.convert.report import ConversionReport, MatrixConversion
+from adapprox_cli.errors import InputError, ParameterError, UnsupportedStateError
 from adapprox_cli.formatting import dtype_name, format_shape
 from adapprox_cli.lowrank import (
     is_factored,
@@ -61,18 +41,16 @@ from adapprox_cli.optim import DEFAULT_TOL, Adapprox
 from adapprox_cli.validation import check_tol
 
 __all__ = [
-    "ConversionReport",
-    "MatrixConversion",
+    "CONVERT_POWER_ITERS",
     "adamw_group_defaults",
     "adamw_to_adafactor",
     "adamw_to_adapprox",
     "adapprox_group_defaults",
     "adapprox_to_adamw",
-    "atomic_torch_save",
-    "atomic_write",
-    "convert_checkpoint",
+    "check_rank",
     "factor_second_moment",
-    "optimizer_state_dict_of",
+    "flat_indices",
+    "reconstruction_error",
     "state_bytes",
 ]
 
@@ -80,60 +58,9 @@ __all__ = [
 # (the paper's comparison setting) make the sketched errors close to the exact SVD's.
 CONVERT_POWER_ITERS = 5
 _FIRST_WIDTH = 8  # the first sketch width of the rank search (it doubles up to k_max)
-OUTPUT_FORMATS = ("auto", "plain", "safetensors")
 # Group keys that only the source optimizer understands, or that a scheduler added.
 _CARRIED_GROUP_KEYS = ("initial_lr", "param_names")
 _ADAPPROX_SETTINGS = frozenset(inspect.signature(Adapprox.__init__).parameters) - {"self", "params"}
-
-
-@dataclass
-class MatrixConversion:
-    """One factored matrix: its rank and the relative error of the stored second moment."""
-
-    index: int
-    name: str
-    shape: tuple[int, ...]
-    rank: int
-    rank_max: int
-    relative_error: float | None  # ||V - clamp(Q U^T, 0)||_F / ||V||_F; None for a rollback
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did: per-matrix ranks and errors, and the state memory before and after."""
-
-    source_optimizer: str
-    target_optimizer: str
-    matrices: list[MatrixConversion]
-    dense_params: int
-    bytes_before: int
-    bytes_after: int
-    step: int | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    source: str | None = None
-    source_format: str | None = None
-    output: str | None = None
-    output_format: str | None = None
-    verified: bool | None = None
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_after / self.bytes_before if self.bytes_before else 0.0
-
-    @property
-    def max_error(self) -> float | None:
-        errors = [m.relative_error for m in self.matrices if m.relative_error is not None]
-        return max(errors) if errors else None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["ratio"] = self.ratio
-        data["max_error"] = self.max_error
-        return data
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def _number(value: Any) -> Any:
@@ -153,9 +80,18 @@ def adamw_group_defaults() -> dict[str, Any]:
     return dict(torch.optim.AdamW([torch.zeros(1)]).defaults)
 
 
-def _flat_indices(param_groups: Sequence[Mapping[str, Any]]) -> list[tuple[int, Any]]:
+def flat_indices(param_groups: Sequence[Mapping[str, Any]]) -> list[tuple[int, Any]]:
     """(group number, saved parameter id) in flat optimizer order; ``state`` is sparse."""
     return [(g, pid) for g, group in enumerate(param_groups) for pid in group["params"]]
+
+
+def check_rank(rank: int | None) -> int | None:
+    """A fixed conversion rank: an integer >= 1, or None for the rank the adaptive rule settles on."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ParameterError(
+            "rank", f"{{name}} {rank!r}: must be an integer >= 1 (leave it out for the adaptive rank)"
+        )
+    return rank
 
 
 def _check_state_dict(state_dict: Any) -> None:
@@ -212,7 +148,7 @@ def factor_second_moment(
         width = min(2 * width, k_max)
 
 
-def _reconstruction_error(v: Tensor, q: Tensor, u: Tensor) -> float:
+def reconstruction_error(v: Tensor, q: Tensor, u: Tensor) -> float:
     """Relative error of what the optimizer will use, clamp(Q U^T, 0), against V (float64)."""
     approximation = torch.clamp(q.double() @ u.double().T, min=0.0)
     return relative_error(v.double(), approximation)
@@ -253,15 +189,14 @@ def adamw_to_adapprox(
     """
     _check_state_dict(state_dict)
     tol = check_tol(tol)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise InputError(f"invalid rank {rank!r}; pass an integer >= 1 or leave it out for the adaptive rank")
+    check_rank(rank)
     defaults = adapprox_group_defaults(tol=tol, **settings)
     warnings: list[str] = []
     groups = [_adapprox_group(group, defaults, beta1, warnings) for group in state_dict["param_groups"]]
     state: dict[Any, dict[str, Any]] = {}
     matrices: list[MatrixConversion] = []
     steps: list[int] = []
-    flat = _flat_indices(state_dict["param_groups"])
+    flat = flat_indices(state_dict["param_groups"])
     for position, (group_number, pid) in enumerate(flat):
         old = state_dict["state"].get(pid)
         if not old:
@@ -269,16 +204,10 @@ def adamw_to_adapprox(
         name = (names or {}).get(pid, f"param_{pid}")
         if progress is not None:
             progress(position, len(flat), name)
-        saved_shape = tuple(old["exp_avg_sq"].shape) if "exp_avg_sq" in old else None
-        if shapes is not None and pid in shapes and saved_shape not in (None, tuple(shapes[pid])):
-            raise InputError(
-                f"parameter {pid} ({name}): exp_avg_sq has shape {format_shape(saved_shape)} "
-                f"but the parameter is {format_shape(shapes[pid])}"
-            )
-        group = groups[group_number]
+        _check_saved_shape(old, shapes, pid, name)
         state[pid], matrix = _adapprox_param_state(
             old,
-            group,
+            groups[group_number],
             pid,
             name,
             rank,
@@ -312,6 +241,17 @@ def adamw_to_adapprox(
         warnings=warnings,
     )
     return {"state": state, "param_groups": groups}, report
+
+
+def _check_saved_shape(
+    old: Mapping[str, Any], shapes: Mapping[int, Sequence[int]] | None, pid: Any, name: str
+) -> None:
+    saved_shape = tuple(old["exp_avg_sq"].shape) if "exp_avg_sq" in old else None
+    if shapes is not None and pid in shapes and saved_shape not in (None, tuple(shapes[pid])):
+        raise InputError(
+            f"parameter {pid} ({name}): exp_avg_sq has shape {format_shape(saved_shape)} "
+            f"but the parameter is {format_shape(shapes[pid])}"
+        )
 
 
 def _adapprox_group(
@@ -396,7 +336,7 @@ def _adapprox_param_state(
         # for this flat position), so tol bounds the distance to AdamW's moment from step one.
         omega = moment_sketch_test_matrix(m, n, seed=group["seed"], index=position, dtype=torch.float64)
         new["exp_avg_sq_sketch"] = moment_sketch(matrix, omega).to(compute_dtype).contiguous()
-    error = _reconstruction_error(matrix, new["exp_avg_sq_q"], new["exp_avg_sq_u"])
+    error = reconstruction_error(matrix, new["exp_avg_sq_q"], new["exp_avg_sq_u"])
     return new, MatrixConversion(int(pid), name, shape, q.shape[1], k_max, error)
 
 
@@ -444,7 +384,7 @@ def adapprox_to_adamw(
     dense = 0
     steps: list[int] = []
     zero_first_moment = False
-    for g, pid in _flat_indices(state_dict["param_groups"]):
+    for g, pid in flat_indices(state_dict["param_groups"]):
         old = state_dict["state"].get(pid)
         if not old:
             continue
@@ -530,7 +470,7 @@ def adamw_to_adafactor(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         new_group["params"] = list(group["params"])
         groups.append(new_group)
     state: dict[Any, dict[str, Any]] = {}
-    for _, pid in _flat_indices(state_dict["param_groups"]):
+    for _, pid in flat_indices(state_dict["param_groups"]):
         old = state_dict["state"].get(pid)
         if not old or "exp_avg_sq" not in old:
             continue
@@ -543,325 +483,3 @@ def adamw_to_adafactor(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             new["variance"] = v.clone()
         state[pid] = new
     return {"state": state, "param_groups": groups}
-
-
-# --------------------------------------------------------------------------- atomic writers
-
-
-def _write_torch(obj: Any, path: Path) -> None:
-    """The one place a converted object is serialised (tests replace it to simulate failures)."""
-    torch.save(obj, path)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through a temporary file and a rename."""
-    return atomic_write(path, lambda temporary: _write_torch(obj, temporary))
-
-
-def _atomic_copy_directory(source: Path, destination: Path, replace: Mapping[str, Any]) -> None:
-    """Copy ``source`` to ``destination`` with the files in ``replace`` re-saved; installed in one step.
-
-    Symlinks are copied as links, never followed: a downloaded checkpoint's ``notes.txt ->
-    ~/.ssh/id_rsa`` must not put the key's bytes into the output, and ``loop -> .`` must not recurse.
-    """
-    temporary = new_temporary_directory(destination)
-    try:
-        _copy_tree(source, temporary, skip=set(replace))
-        for name, obj in replace.items():
-            _write_torch(obj, temporary / name)
-            os.chmod(temporary / name, 0o666 & ~current_umask())
-        install_directory(temporary, destination)
-    except OSError as exc:
-        raise write_error(exc, destination) from exc
-    finally:
-        remove_path(temporary)
-
-
-def _copy_tree(source: Path, destination: Path, skip: set[str]) -> None:
-    """Copy files and directories; recreate symlinks instead of following them.
-
-    A relative link that stays inside ``source`` is copied as is (it resolves the same way in the
-    copy); any other link points at its resolved absolute target, so a Hugging Face cache snapshot
-    (``model.safetensors -> ../../blobs/...``) still works from the new place without its bytes
-    being copied.
-    """
-    root = source.resolve()
-    for current, dirs, files in os.walk(source, followlinks=False):
-        here = Path(current)
-        relative = here.relative_to(source)
-        entries = [(n, True) for n in dirs] + [(n, False) for n in files]
-        dirs[:] = [n for n in dirs if not (here / n).is_symlink() and not (here == source and n in skip)]
-        for name, is_dir in entries:
-            if here == source and name in skip:
-                continue
-            src, dst = here / name, destination / relative / name
-            if src.is_symlink():
-                link = os.readlink(src)
-                resolved = Path(os.path.realpath(src))
-                inside = resolved == root or root in resolved.parents
-                os.symlink(link if inside and not os.path.isabs(link) else str(resolved), dst)
-            elif is_dir:
-                os.mkdir(dst)
-                shutil.copystat(src, dst)
-            elif src.is_file():
-                shutil.copy2(src, dst)
-            else:  # a pipe or device: reading it could block forever or never end
-                raise InputError(
-                    f"{src} is not a regular file (a pipe, socket or device); remove it from the checkpoint "
-                    "directory or pass --format plain"
-                )
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def optimizer_state_dict_of(
-    checkpoint: Any,
-) -> tuple[dict[str, Any], dict[int, str], dict[int, tuple[int, ...]]]:
-    """A ``{"state", "param_groups"}`` dict from a loaded ``OptimizerCheckpoint``, with names and shapes.
-
-    Built from the loader's normalised parameter list, so sharded formats (DeepSpeed, DCP) convert
-    like plain ones; indices are the flat optimizer order.
-    """
-    groups: list[dict[str, Any]] = [dict(g) for g in checkpoint.param_groups]
-    members: list[list[int]] = [[] for _ in groups]
-    state: dict[int, dict[str, Tensor]] = {}
-    for param in checkpoint.params:
-        while param.group >= len(groups):
-            groups.append({})
-            members.append([])
-        members[param.group].append(param.index)
-        if param.state:
-            state[param.index] = dict(param.state)
-    for group, indices in zip(groups, members):
-        group["params"] = sorted(indices)
-    names = {p.index: p.name for p in checkpoint.params}
-    shapes = {p.index: tuple(p.shape) for p in checkpoint.params}
-    return {"state": state, "param_groups": groups}, names, shapes
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return a.resolve() == b.resolve()
-    return False
-
-
-def _load_checkpoint(path: Path, trust_checkpoint: bool, optimizer_index: int) -> Any:
-    from adapprox_cli.checkpoints import load_checkpoint
-
-    return load_checkpoint(path, trust_checkpoint=trust_checkpoint, optimizer_index=optimizer_index)
-
-
-def convert_checkpoint(
-    source: str | Path,
-    output: str | Path,
-    *,
-    to: str | None = None,
-    output_format: str = "auto",
-    tol: float = DEFAULT_TOL,
-    rank: int | None = None,
-    beta1: float | None = None,
-    force: bool = False,
-    verify: bool = False,
-    trust_checkpoint: bool = False,
-    optimizer_index: int = 0,
-    progress: Callable[[int, int, str], None] | None = None,
-    **settings: Any,
-) -> ConversionReport:
-    """Convert the optimizer state of a checkpoint and write it to ``output``.
-
-    Args:
-        to: "adapprox" or "adamw"; by default the other one than the checkpoint holds.
-        output_format: "auto" (the input's container), "plain" (a bare optimizer state dict) or
-            "safetensors" (``state/{index}/{key}`` tensors plus metadata).
-        force: replace an existing ``output``.
-        verify: read the output back and check shapes, ranks and reconstruction errors.
-        tol, rank, beta1, progress, **settings: see ``adamw_to_adapprox``.
-    """
-    source, output = Path(source), Path(output)
-    check_tol(tol)  # before the checkpoint is read
-    if output_format not in OUTPUT_FORMATS:
-        raise InputError(
-            f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}"
-        )
-    if _same_path(source, output):
-        raise InputError(f"the output {output} is the input; write the converted checkpoint to another path")
-    check_target(output, force=force, inputs=[source])
-    checkpoint = _load_checkpoint(source, trust_checkpoint, optimizer_index)
-    from adapprox_cli.checkpoints.validate import require_sound_state
-
-    require_sound_state(checkpoint, "convert")
-    kind = "adapprox" if checkpoint.optimizer == "adapprox" else "adamw"
-    target = to or ("adamw" if kind == "adapprox" else "adapprox")
-    if target not in ("adapprox", "adamw"):
-        raise InputError(f"unknown target optimizer {target!r}; choose adapprox or adamw")
-    if target == kind:
-        raise InputError(
-            f"{source} already holds an {checkpoint.optimizer} state; "
-            f"pass --to {'adamw' if kind == 'adapprox' else 'adapprox'} or another checkpoint"
-        )
-    state_dict, names, shapes = optimizer_state_dict_of(checkpoint)
-    if target == "adapprox":
-        new_state, report = adamw_to_adapprox(
-            state_dict,
-            tol=tol,
-            rank=rank,
-            beta1=beta1,
-            names=names,
-            shapes=shapes,
-            progress=progress,
-            **settings,
-        )
-    else:
-        new_state, report = adapprox_to_adamw(state_dict, names=names, shapes=shapes)
-    report.warnings = list(checkpoint.warnings) + report.warnings
-    report.source, report.source_format = str(source), checkpoint.format
-    if not verify:
-        fmt = _write_output(checkpoint, new_state, output, output_format, target, report, names, shapes)
-    else:
-        # Written beside the target and verified there: a failed verification leaves nothing at
-        # the target (and an old --force target in place).
-        staged = temporary_path(output)
-        try:
-            fmt = _write_output(checkpoint, new_state, staged, output_format, target, report, names, shapes)
-            try:
-                _verify_output(
-                    staged, report, state_dict, new_state, shapes, trust_checkpoint, optimizer_index
-                )
-            except AdapproxError as exc:
-                raise type(exc)(str(exc).replace(str(staged), str(output))) from None
-            if staged.is_dir():
-                install_directory(staged, output)
-            else:
-                try:
-                    install_file(staged, output)
-                except OSError as exc:
-                    raise write_error(exc, output) from exc
-        finally:
-            remove_path(staged)
-    report.output, report.output_format = str(output), fmt
-    return report
-
-
-def _adapprox_settings(report: ConversionReport) -> dict[str, Any]:
-    return {k: v for k, v in report.settings.items() if k != "rank"}
-
-
-def _write_output(
-    checkpoint: Any,
-    new_state: dict[str, Any],
-    output: Path,
-    output_format: str,
-    target: str,
-    report: ConversionReport,
-    names: Mapping[int, str],
-    shapes: Mapping[int, tuple[int, ...]],
-) -> str:
-    if output_format == "safetensors":
-        from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetensors
-
-        order = [i for _, i in _flat_indices(new_state["param_groups"])]
-        # The writer goes through a temporary file and a rename itself.
-        write_adapprox_safetensors(
-            output,
-            new_state,
-            [names[i] for i in order],
-            checkpoint.format,
-            target,
-            param_shapes=[shapes[i] for i in order],
-        )
-        return "safetensors"
-    if output_format == "plain":
-        atomic_torch_save(new_state, output)
-        return "plain"
-    from adapprox_cli.checkpoints import checkpoint_format
-
-    fmt = checkpoint_format(checkpoint.format)
-    write_back = fmt.write_back if fmt is not None else None
-    if write_back == "directory" and Path(checkpoint.path).is_dir():
-        file_name = Path(checkpoint.extra.get("optimizer_file") or fmt.optimizer_file).name
-        if not (Path(checkpoint.path) / file_name).is_file():
-            raise InputError(
-                f"{checkpoint.path} has no {file_name} to replace; pass --format plain or --format safetensors"
-            )
-        contents = checkpoint.container_with_optimizer_state(new_state)
-        _atomic_copy_directory(Path(checkpoint.path), output, {file_name: contents})
-        return checkpoint.format
-    if write_back is None or Path(checkpoint.path).is_dir() or checkpoint.extra.get("optimizer_path") is None:
-        raise InputError(
-            f"{checkpoint.path} is a {checkpoint.format} checkpoint that adapprox cannot rewrite in place; "
-            "pass --format safetensors (or --format plain) to write the converted state on its own"
-        )
-    container = checkpoint.container_with_optimizer_state(new_state)
-    if fmt.update_container is not None:
-        container = fmt.update_container(container, target, _adapprox_settings(report))
-    atomic_torch_save(container, output)
-    return checkpoint.format
-
-
-def _verify_output(
-    output: Path,
-    report: ConversionReport,
-    source_state: Mapping[str, Any],
-    new_state: Mapping[str, Any],
-    shapes: Mapping[int, tuple[int, ...]],
-    trust_checkpoint: bool,
-    optimizer_index: int,
-) -> None:
-    """Read the output back; check the kind, shapes, ranks and reconstruction errors; load it."""
-    from adapprox_cli.checkpoints.validate import param_problem
-
-    reloaded = _load_checkpoint(output, trust_checkpoint, optimizer_index)
-    # Every value finite, every second moment >= 0, every moment the parameter's shape.
-    problems: list[str] = [q for q in (param_problem(p) for p in reloaded.params) if q]
-    if (reloaded.optimizer == "adapprox") != (report.target_optimizer == "adapprox"):
-        problems.append(f"it reads back as {reloaded.optimizer}, not {report.target_optimizer}")
-    by_index = {p.index: p for p in reloaded.params}
-    if len(by_index) != len(shapes):
-        problems.append(f"it has {len(by_index)} parameters, the input {len(shapes)}")
-    for matrix in report.matrices:
-        param = by_index.get(matrix.index)
-        if param is None:
-            problems.append(f"{matrix.name} is missing")
-            continue
-        if tuple(param.shape) != tuple(matrix.shape):
-            problems.append(
-                f"{matrix.name} has shape {format_shape(param.shape)}, expected {format_shape(matrix.shape)}"
-            )
-        if report.target_optimizer == "adapprox":
-            q, u = param.state.get("exp_avg_sq_q"), param.state.get("exp_avg_sq_u")
-            if q is None or u is None or q.shape[1] != matrix.rank:
-                problems.append(f"{matrix.name}: factors missing or of the wrong rank")
-                continue
-            m, n = matrix_view_shape(matrix.shape)
-            v = source_state["state"][matrix.index]["exp_avg_sq"].reshape(m, n)
-            error = _reconstruction_error(v, q, u)
-            if not error <= matrix.relative_error + 1e-6:
-                problems.append(
-                    f"{matrix.name}: error {error:.3g} exceeds the reported {matrix.relative_error:.3g}"
-                )
-        else:
-            v = param.state.get("exp_avg_sq")
-            expected = new_state["state"][matrix.index]["exp_avg_sq"]
-            if v is None or not torch.equal(v.to(expected.dtype), expected):
-                problems.append(f"{matrix.name}: exp_avg_sq differs from the multiplied-out factors")
-    if not problems:
-        try:
-            _load_into_optimizer(new_state, shapes, report.target_optimizer)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            problems.append(f"{report.target_optimizer} refuses it: {exc}")
-    if problems:
-        raise InputError(f"verification of {output} failed: " + "; ".join(problems[:5]))
-    report.verified = True
-
-
-def _load_into_optimizer(
-    state_dict: Mapping[str, Any], shapes: Mapping[int, tuple[int, ...]], target: str
-) -> None:
-    """Load the state into a real optimizer over same-shaped parameters (meta tensors: no memory)."""
-    groups = []
-    for group in state_dict["param_groups"]:
-        params = [torch.empty(shapes[i], device="meta", requires_grad=True) for i in group["params"]]
-        groups.append({"params": params})
-    optimizer = Adapprox(groups) if target == "adapprox" else torch.optim.AdamW(groups)
-    optimizer.load_state_dict(dict(state_dict))
