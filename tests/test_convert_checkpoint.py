@@ -82,7 +82,7 @@ def test_refuses_to_overwrite_without_force_and_same_path(tmp_path):
     truth = make_nanogpt(tmp_path)
     out = tmp_path / "out.pt"
     out.write_bytes(b"keep me")
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(InputError, match="pass force to replace it"):
         convert_checkpoint(truth.path, out)
     assert out.read_bytes() == b"keep me"
     convert_checkpoint(truth.path, out, force=True)
