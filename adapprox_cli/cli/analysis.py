@@ -172,9 +172,11 @@ class _CsvTables:
         self.path, self.prefix, self.tables = path, "", []
 
     def add(self, name: str, t: Any) -> None:
+        from adapprox_cli.render import table_cells
+
         if self.path is not None:
             headers = [str(c.header) for c in t.columns]
-            self.tables.append((self.prefix + name, headers, list(zip(*(_cells(c) for c in t.columns)))))
+            self.tables.append((self.prefix + name, headers, list(zip(*(table_cells(c) for c in t.columns)))))
 
     def write(self) -> None:
         import csv
@@ -297,7 +299,7 @@ def _trend_value(quantity: str, value: float | None) -> str:
 
 
 def _render_trends(run: Any) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     stages = [s for s in run.stages]
     headers = [f"step {s.step}" if s.step is not None else Path(s.path).name for s in stages]
@@ -314,7 +316,7 @@ def _render_trends(run: Any) -> None:
     title = f"{run.kind} across {len(stages)} stages" + (f" (names under {prefix})" if prefix else "")
     columns = ["name", "quantity", *headers, "last / first", "trend"]
     stdout_console().rule("summary", align="left")
-    _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="trends")
+    _print_table(wrap_first_column(table(title, columns, rows, right_from=2)), name="trends")
     if hidden:
         stdout_console().print(f"{len(hidden)} peer optimizers' memory (the same at every stage): --json")
     if run.failed:
@@ -407,7 +409,7 @@ def spectrum(
 
 
 def _render_spectrum(report: Any) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     tols = report.settings["tolerances"]
     prefix = common_name_prefix([m.name for m in report.matrices])
@@ -429,7 +431,7 @@ def _render_spectrum(report: Any) -> None:
     console = stdout_console()
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
     title = f"Spectrum of the {what} moment" + (f" (names under {prefix})" if prefix else "")
-    _print_table(_wrapping(table(title, columns, rows)), name="spectrum")
+    _print_table(wrap_first_column(table(title, columns, rows)), name="spectrum")
     notes = [f"{len(report.matrices)} matrices"]
     if report.skipped:
         notes.append(f"{len(report.skipped)} vectors/scalars skipped")
@@ -442,113 +444,12 @@ def _render_spectrum(report: Any) -> None:
     console.print("; ".join(notes))
 
 
-def _wrapping(t: Any) -> Any:
-    # Long names wrap instead of squeezing the numeric columns in narrow terminals.
-    t.columns[0].no_wrap = False
-    t.columns[0].overflow = "fold"
-    return t
-
-
 def _print_table(t: Any, *, name: str = "table") -> None:
-    """A table on stdout within the terminal's width (or COLUMNS when set).
-
-    Numbers are never cut: the name column folds first, and when the numeric columns still do
-    not fit they are split over several tables that repeat the leading text columns. Into a pipe
-    without COLUMNS a table keeps its natural width: one line per row, for grep and awk.
-    """
-    import os
-
-    from adapprox_cli.render import stdout_console
+    """The table on stdout (``render.print_table``), kept for --csv under ``name``."""
+    from adapprox_cli.render import print_table
 
     _CSV.add(name, t)
-    console = stdout_console()
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
-        parts = _fit_columns(t, console.width)
-    else:
-        parts = [t]
-        width = _natural_width(t)
-        if width > console.width:
-            from rich.console import Console
-
-            console = Console(highlight=False, width=width)
-    for part in parts:
-        console.print(part)
-
-
-# Box-drawn tables spend 3 characters per column (a border and one space each side) and 1 more.
-_PER_COLUMN, _EDGE = 3, 1
-_MIN_NAME = 14
-
-
-def _natural_width(t: Any) -> int:
-    widths = [max([len(str(c.header)), *(len(x) for x in _cells(c))]) for c in t.columns]
-    return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
-
-
-def _cells(column: Any) -> list[str]:
-    return [str(c) for c in column._cells]
-
-
-def _fit_columns(t: Any, width: int) -> list[Any]:
-    from rich.table import Table
-
-    columns = list(t.columns)
-    keys = next((i for i, c in enumerate(columns) if c.justify != "left"), len(columns)) or 1
-    need = []
-    for c in columns:
-        longest_cell = max((len(x) for x in _cells(c)), default=0)
-        longest_word = max((len(w) for w in str(c.header).split()), default=0)
-        need.append(max(longest_cell, longest_word))
-    natural = [max(n, len(str(c.header))) for n, c in zip(need, columns)]
-
-    def total(widths: list[int]) -> int:
-        return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
-
-    if total(natural) <= width:
-        return [t]
-    name_min = min(natural[0], _MIN_NAME)
-    if keys < len(columns) and total([name_min, *natural[1:]]) > width:
-        # Splitting anyway: let each part keep whole names where the widest column allows.
-        widest = max(need[keys:])
-        name_min = max(name_min, min(natural[0], width - total([0, *need[1:keys], widest])))
-    fixed = [name_min, *need[1:keys]]
-
-    def split(widths: list[int]) -> list[list[int]]:
-        chunks: list[list[int]] = []
-        for i in range(keys, len(columns)):
-            if chunks and total(fixed + [widths[j] for j in chunks[-1]] + [widths[i]]) <= width:
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-        return chunks
-
-    # Whole headers when they cost no extra part; else headers wrap at their spaces.
-    chunks = split(natural)
-    if len(chunks) > len(split(need)) or any(total(fixed + [natural[j] for j in c]) > width for c in chunks):
-        chunks = split(need)
-    else:
-        need = [*need[:keys], *natural[keys:]]
-    parts = []
-    for n, chunk in enumerate(chunks, 1):
-        chosen = list(range(keys)) + chunk
-        spare = width - total([need[j] for j in chosen])
-        widths = {j: need[j] for j in chosen}
-        widths[0] = max(name_min, min(natural[0], need[0] + spare))
-        title = t.title if len(chunks) == 1 else f"{t.title} (part {n}/{len(chunks)})"
-        part = Table(title=title, title_justify="left", header_style="bold")
-        for j in chosen:
-            c = columns[j]
-            part.add_column(
-                c.header,
-                justify=c.justify,
-                width=widths[j],
-                no_wrap=False,
-                overflow="fold",
-            )
-        for row in zip(*(_cells(columns[j]) for j in chosen)):
-            part.add_row(*row)
-        parts.append(part)
-    return parts
+    print_table(t)
 
 
 # --------------------------------------------------------------------------- compare
@@ -682,7 +583,7 @@ def _num_heads(checkpoint: Any) -> int | None:
 
 
 def _render_compare(report: Any, long: bool) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     console = stdout_console()
     methods = report.settings["methods"]
@@ -715,7 +616,8 @@ def _render_compare(report: Any, long: bool) -> None:
             f"; names under {prefix})" if prefix else ")"
         )
         _print_table(
-            _wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)), name="errors"
+            wrap_first_column(table(title, ["parameter", "shape", *methods], rows, right_from=2)),
+            name="errors",
         )
         console.print("per-matrix ratios to the optimum, numbers stored and times: --long or --json")
     columns = ["method", "rel. error", "/ optimum", "/ rank-1 opt.", "numbers stored", "seconds"]
@@ -915,7 +817,7 @@ def _state_bytes_per_number(checkpoint: Any) -> int:
 
 
 def _render_estimate(report: Any) -> None:
-    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, wrap_first_column
 
     console = stdout_console()
     if report.matrices:
@@ -927,7 +829,7 @@ def _render_estimate(report: Any) -> None:
             cells = [f"{m.ranks[t]}{'*' if m.capped[t] else ''} ({m.errors[t]:.3g})" for t in tols]
             rows.append((m.name.removeprefix(prefix), format_shape(m.matrix_shape), m.rank_max, *cells))
         title = f"Adaptive ranks ({report.rule} rule)" + (f"; names under {prefix}" if prefix else "")
-        _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="ranks")
+        _print_table(wrap_first_column(table(title, columns, rows, right_from=2)), name="ranks")
         if any(any(m.capped.values()) for m in report.matrices):
             console.print("* k_max reached before the tolerance (raise it with --rank-max)")
     columns = ["optimizer", "setting", "state", "bytes", "saved vs AdamW"]
