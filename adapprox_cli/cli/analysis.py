@@ -26,7 +26,7 @@ from adapprox_cli.cli.options import (
     TrustOption,
 )
 from adapprox_cli.defaults import DEFAULT_TOL
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
 
@@ -104,6 +104,8 @@ def _about(path: Path) -> Iterator[None]:
     except InputError as exc:
         if str(path) in str(exc):
             raise
+        if isinstance(exc, ParameterError):  # still printed with the command's flag
+            raise ParameterError(exc.parameter, f"{path}: {exc.template}") from exc
         raise type(exc)(f"{path}: {exc}") from exc
 
 
@@ -116,12 +118,6 @@ def _load(path: Path, trust_checkpoint: bool, optimizer_index: int, json_output:
     for message in checkpoint.warnings:
         warn(message)
     return checkpoint
-
-
-def _moments(checkpoint: Any, params: str | None, moment: str = "exp_avg_sq") -> list:
-    from adapprox_cli.analysis import moments_from_checkpoint, select_moments
-
-    return select_moments(moments_from_checkpoint(checkpoint, moment), params)
 
 
 def _plot(kind: str, report: Any, path: Path | None) -> None:
@@ -211,6 +207,7 @@ _CSV = _CsvTables()
 
 
 def _analyse(
+    ctx: typer.Context,
     paths: list[Path],
     kind: str,
     analyse: Callable[[Any, Path, str], Any],
@@ -230,6 +227,7 @@ def _analyse(
     """
     from adapprox_cli.analysis import analyse_run
     from adapprox_cli.checkpoints.runs import find_stages
+    from adapprox_cli.cli.app import _message
     from adapprox_cli.render import print_json, warn
 
     found = find_stages(paths, trust_checkpoint=trust_checkpoint)
@@ -250,6 +248,12 @@ def _analyse(
     def on_stage(i: int, total: int, stage: Any) -> None:
         label["text"] = f"stage {i}/{total} {kind}"
 
+    def analyse_stage(checkpoint: Any, path: Path) -> Any:
+        try:
+            return analyse(checkpoint, path, label["text"])
+        except ParameterError as exc:  # a stage's one-line error names the flag, as a lone file's does
+            raise InputError(_message(exc, ctx.command)) from exc
+
     def on_result(i: int, total: int, result: Any) -> None:
         if result.report is None:
             _print_stage_error(f"stage {i}/{total} failed: {result.error}")
@@ -265,7 +269,7 @@ def _analyse(
     run = analyse_run(
         found.stages,
         lambda path: _load(path, trust_checkpoint, optimizer_index, json_output),
-        lambda checkpoint, path: analyse(checkpoint, path, label["text"]),
+        analyse_stage,
         kind=kind,
         skipped=found.skipped,
         on_stage=on_stage,
@@ -328,6 +332,7 @@ def _render_trends(run: Any) -> None:
 
 @app.command(cls=_AnalysisCommand)
 def spectrum(
+    ctx: typer.Context,
     path: CheckpointPaths,
     top: Annotated[
         int, typer.Option("--top", min=1, help="How many leading singular values to report.")
@@ -373,13 +378,13 @@ def spectrum(
 
         adapprox spectrum checkpoint-500/ --method gram --json > spectrum.json
     """
-    from adapprox_cli.analysis import spectrum_report
+    from adapprox_cli.analysis import load_moments, spectrum_report
 
     _check_plot(plot)
     _CSV.start(csv)
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params, moment)
+        moments = load_moments(checkpoint, params=params, moment=moment)
         with _about(path), _progress(label, _show_progress(json_output)) as update:
             report = spectrum_report(
                 moments,
@@ -397,6 +402,7 @@ def spectrum(
         return report
 
     _analyse(
+        ctx,
         path,
         "spectrum",
         analyse,
@@ -457,6 +463,7 @@ def _print_table(t: Any, *, name: str = "table") -> None:
 
 @app.command(cls=_AnalysisCommand)
 def compare(
+    ctx: typer.Context,
     path: CheckpointPaths,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank k of the low-rank methods.")] = 5,
     oversample: _Oversample = 5,
@@ -503,15 +510,15 @@ def compare(
 
         adapprox compare output_dir/ --rank 5 --plot error-over-training.png
     """
-    from adapprox_cli.analysis import compare_methods
+    from adapprox_cli.analysis import checkpoint_num_heads, compare_methods, load_moments
 
     _check_plot(plot)
     _CSV.start(csv)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params)
-        heads = num_heads or _num_heads(checkpoint)
+        moments = load_moments(checkpoint, params=params)
+        heads = num_heads or checkpoint_num_heads(checkpoint)
         with _about(path), _progress(label, _show_progress(json_output)) as update:
             report = compare_methods(
                 moments,
@@ -527,10 +534,11 @@ def compare(
                 progress=update,
             )
         report.settings["path"] = str(path)
-        _warn_dense_is_smaller(report, rank)
+        _warn_dense_is_smaller(report)
         return report
 
     _analyse(
+        ctx,
         path,
         "compare",
         analyse,
@@ -542,15 +550,12 @@ def compare(
     )
 
 
-def _warn_dense_is_smaller(report: Any, rank: int) -> None:
+def _warn_dense_is_smaller(report: Any) -> None:
     """At a large --rank the factors k (m + n) outgrow the dense m x n state they approximate."""
     from adapprox_cli.render import warn
 
-    larger = {
-        r.name: r.matrix_shape
-        for r in report.rows
-        if r.rank == rank and r.numbers_stored > r.matrix_shape[0] * r.matrix_shape[1]
-    }
+    rank = report.settings["rank"]
+    larger = report.larger_than_dense()
     if larger:
         name, shape = next(iter(larger.items()))
         warn(
@@ -565,21 +570,6 @@ def _long_row(r: Any) -> tuple:
     rank = r.rank if r.rank is not None else "-"
     errors = (_num(r.relative_error, 4), _ratio(r.vs_optimum), _ratio(r.vs_rank1_optimum))
     return (r.name, method, rank, *errors, f"{r.numbers_stored:,}", f"{r.seconds:.3f}")
-
-
-def _num_heads(checkpoint: Any) -> int | None:
-    """Attention heads from the file's model configuration, when it has one."""
-    sources = []
-    for holder in (getattr(checkpoint, "extra", None), getattr(checkpoint, "container", None)):
-        if isinstance(holder, dict):
-            sources += [holder, holder.get("model_args"), holder.get("config")]
-    for source in sources:
-        if isinstance(source, dict):
-            for key in ("n_head", "num_attention_heads", "n_heads", "num_heads"):
-                value = source.get(key)
-                if isinstance(value, int) and value > 0:
-                    return value
-    return None
 
 
 def _render_compare(report: Any, long: bool) -> None:
@@ -642,6 +632,7 @@ def _render_compare(report: Any, long: bool) -> None:
 
 @app.command(cls=_AnalysisCommand)
 def estimate(
+    ctx: typer.Context,
     path: _OptionalPaths = None,
     tol: Annotated[
         list[float] | None,
@@ -717,7 +708,13 @@ def estimate(
 
         adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
     """
-    from adapprox_cli.analysis import estimate_memory, estimate_preset
+    from adapprox_cli.analysis import (
+        checkpoint_num_heads,
+        estimate_memory,
+        estimate_preset,
+        load_moments,
+        state_bytes_per_number,
+    )
     from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 
     _check_plot(plot)
@@ -747,7 +744,7 @@ def estimate(
                 checkpoint = _load(sibling_path, trust_checkpoint, optimizer_index, json_output)
                 with _progress("sibling ranks", _show_progress(json_output)) as update:
                     sibling = estimate_memory(
-                        _moments(checkpoint, None),
+                        load_moments(checkpoint),
                         tolerances=tol or (0.05,),
                         galore_rank=galore_rank,
                         dtype=dtype,
@@ -776,7 +773,7 @@ def estimate(
         return
 
     def analyse(checkpoint: Any, source: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params)
+        moments = load_moments(checkpoint, params=params)
         with _about(source), _progress(label, _show_progress(json_output)) as update:
             return estimate_memory(
                 moments,
@@ -785,8 +782,8 @@ def estimate(
                 fixed_ranks=rank or (),
                 rule=rule,
                 galore_rank=galore_rank,
-                bytes_per_number=_state_bytes_per_number(checkpoint),
-                num_heads=num_heads or _num_heads(checkpoint),
+                bytes_per_number=state_bytes_per_number(checkpoint),
+                num_heads=num_heads or checkpoint_num_heads(checkpoint),
                 adam_mini_default=adam_mini_default,
                 oversample=oversample,
                 power_iters=iters,
@@ -799,6 +796,7 @@ def estimate(
             )
 
     _analyse(
+        ctx,
         path,
         "estimate",
         analyse,
@@ -808,12 +806,6 @@ def estimate(
         trust_checkpoint=trust_checkpoint,
         optimizer_index=optimizer_index,
     )
-
-
-def _state_bytes_per_number(checkpoint: Any) -> int:
-    """Bytes per stored value of the file's second moments (4 for float32 states)."""
-    sizes = [p.dtype.itemsize for p in checkpoint.params if getattr(p, "has_second_moment", bool(p.state))]
-    return max(set(sizes), key=sizes.count) if sizes else 4
 
 
 def _render_estimate(report: Any) -> None:
