@@ -3,13 +3,19 @@
 The public API is flat; everything a command does can be done from Python::
 
     from adapprox_cli import Adapprox, srsi, as_rsi, truncated_svd, state_size
-    from adapprox_cli import load_checkpoint, spectrum_report, compare_methods, estimate_memory
+    from adapprox_cli import load_checkpoint, load_moments, spectrum_report, compare_methods, estimate_memory
     from adapprox_cli import adamw_to_adapprox, adapprox_to_adamw, convert_checkpoint
 """
 
 __version__ = "0.1.0"
 
-from adapprox_cli.analysis import compare_methods, estimate_memory, estimate_preset, spectrum_report
+from adapprox_cli.analysis import (
+    compare_methods,
+    estimate_memory,
+    estimate_preset,
+    load_moments,
+    spectrum_report,
+)
 from adapprox_cli.checkpoints import OptimizerCheckpoint, ParamState, load_checkpoint
 from adapprox_cli.convert import adamw_to_adapprox, adapprox_to_adamw, convert_checkpoint
 from adapprox_cli.errors import AdapproxError, InputError, UnsafeCheckpointError, UnsupportedStateError
@@ -54,6 +60,7 @@ __all__ = [
     "estimate_memory",
     "estimate_preset",
     "load_checkpoint",
+    "load_moments",
     "relative_error",
     "sm3_cover",
     "smmf_rank1",

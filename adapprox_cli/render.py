@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -91,6 +92,107 @@ def table(
     for row in rows:
         t.add_row(*[safe_text(c) for c in row])
     return t
+
+
+def wrap_first_column(t: Table) -> Table:
+    """Long names in the first column wrap instead of squeezing the numeric columns."""
+    t.columns[0].no_wrap = False
+    t.columns[0].overflow = "fold"
+    return t
+
+
+def table_cells(column: Any) -> list[str]:
+    """A column's cells as the text they print (for CSV and for measuring widths)."""
+    return [str(c) for c in column._cells]
+
+
+def print_table(t: Table) -> None:
+    """A table on stdout within the terminal's width (or COLUMNS when set).
+
+    Numbers are never cut: the name column folds first, and when the numeric columns still do
+    not fit they are split over several tables that repeat the leading text columns. Into a pipe
+    without COLUMNS a table keeps its natural width: one line per row, for grep and awk.
+    """
+    console = stdout_console()
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        parts = _fit_columns(t, console.width)
+    else:
+        parts = [t]
+        width = _natural_width(t)
+        if width > console.width:
+            console = Console(highlight=False, width=width)
+    for part in parts:
+        console.print(part)
+
+
+# Box-drawn tables spend 3 characters per column (a border and one space each side) and 1 more.
+_PER_COLUMN, _EDGE = 3, 1
+_MIN_NAME = 14
+
+
+def _natural_width(t: Table) -> int:
+    widths = [max([len(str(c.header)), *(len(x) for x in table_cells(c))]) for c in t.columns]
+    return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+
+def _fit_columns(t: Table, width: int) -> list[Table]:
+    columns = list(t.columns)
+    keys = next((i for i, c in enumerate(columns) if c.justify != "left"), len(columns)) or 1
+    need = []
+    for c in columns:
+        longest_cell = max((len(x) for x in table_cells(c)), default=0)
+        longest_word = max((len(w) for w in str(c.header).split()), default=0)
+        need.append(max(longest_cell, longest_word))
+    natural = [max(n, len(str(c.header))) for n, c in zip(need, columns)]
+
+    def total(widths: list[int]) -> int:
+        return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
+
+    if total(natural) <= width:
+        return [t]
+    name_min = min(natural[0], _MIN_NAME)
+    if keys < len(columns) and total([name_min, *natural[1:]]) > width:
+        # Splitting anyway: let each part keep whole names where the widest column allows.
+        widest = max(need[keys:])
+        name_min = max(name_min, min(natural[0], width - total([0, *need[1:keys], widest])))
+    fixed = [name_min, *need[1:keys]]
+
+    def split(widths: list[int]) -> list[list[int]]:
+        chunks: list[list[int]] = []
+        for i in range(keys, len(columns)):
+            if chunks and total(fixed + [widths[j] for j in chunks[-1]] + [widths[i]]) <= width:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    # Whole headers when they cost no extra part; else headers wrap at their spaces.
+    chunks = split(natural)
+    if len(chunks) > len(split(need)) or any(total(fixed + [natural[j] for j in c]) > width for c in chunks):
+        chunks = split(need)
+    else:
+        need = [*need[:keys], *natural[keys:]]
+    parts = []
+    for n, chunk in enumerate(chunks, 1):
+        chosen = list(range(keys)) + chunk
+        spare = width - total([need[j] for j in chosen])
+        widths = {j: need[j] for j in chosen}
+        widths[0] = max(name_min, min(natural[0], need[0] + spare))
+        title = t.title if len(chunks) == 1 else f"{t.title} (part {n}/{len(chunks)})"
+        part = Table(title=title, title_justify="left", header_style="bold")
+        for j in chosen:
+            c = columns[j]
+            part.add_column(
+                c.header,
+                justify=c.justify,
+                width=widths[j],
+                no_wrap=False,
+                overflow="fold",
+            )
+        for row in zip(*(table_cells(columns[j]) for j in chosen)):
+            part.add_row(*row)
+        parts.append(part)
+    return parts
 
 
 def progress(enabled: bool = True) -> Progress:

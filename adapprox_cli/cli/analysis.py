@@ -26,7 +26,7 @@ from adapprox_cli.cli.options import (
     TrustOption,
 )
 from adapprox_cli.defaults import DEFAULT_TOL
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.methods import METHODS
 
@@ -104,6 +104,8 @@ def _about(path: Path) -> Iterator[None]:
     except InputError as exc:
         if str(path) in str(exc):
             raise
+        if isinstance(exc, ParameterError):  # still printed with the command's flag
+            raise ParameterError(exc.parameter, f"{path}: {exc.template}") from exc
         raise type(exc)(f"{path}: {exc}") from exc
 
 
@@ -116,12 +118,6 @@ def _load(path: Path, trust_checkpoint: bool, optimizer_index: int, json_output:
     for message in checkpoint.warnings:
         warn(message)
     return checkpoint
-
-
-def _moments(checkpoint: Any, params: str | None, moment: str = "exp_avg_sq") -> list:
-    from adapprox_cli.analysis import moments_from_checkpoint, select_moments
-
-    return select_moments(moments_from_checkpoint(checkpoint, moment), params)
 
 
 def _plot(kind: str, report: Any, path: Path | None) -> None:
@@ -172,9 +168,11 @@ class _CsvTables:
         self.path, self.prefix, self.tables = path, "", []
 
     def add(self, name: str, t: Any) -> None:
+        from adapprox_cli.render import table_cells
+
         if self.path is not None:
             headers = [str(c.header) for c in t.columns]
-            self.tables.append((self.prefix + name, headers, list(zip(*(_cells(c) for c in t.columns)))))
+            self.tables.append((self.prefix + name, headers, list(zip(*(table_cells(c) for c in t.columns)))))
 
     def write(self) -> None:
         import csv
@@ -209,6 +207,7 @@ _CSV = _CsvTables()
 
 
 def _analyse(
+    ctx: typer.Context,
     paths: list[Path],
     kind: str,
     analyse: Callable[[Any, Path, str], Any],
@@ -228,6 +227,7 @@ def _analyse(
     """
     from adapprox_cli.analysis import analyse_run
     from adapprox_cli.checkpoints.runs import find_stages
+    from adapprox_cli.cli.app import _message
     from adapprox_cli.render import print_json, warn
 
     found = find_stages(paths, trust_checkpoint=trust_checkpoint)
@@ -248,6 +248,12 @@ def _analyse(
     def on_stage(i: int, total: int, stage: Any) -> None:
         label["text"] = f"stage {i}/{total} {kind}"
 
+    def analyse_stage(checkpoint: Any, path: Path) -> Any:
+        try:
+            return analyse(checkpoint, path, label["text"])
+        except ParameterError as exc:  # a stage's one-line error names the flag, as a lone file's does
+            raise InputError(_message(exc, ctx.command)) from exc
+
     def on_result(i: int, total: int, result: Any) -> None:
         if result.report is None:
             _print_stage_error(f"stage {i}/{total} failed: {result.error}")
@@ -263,7 +269,7 @@ def _analyse(
     run = analyse_run(
         found.stages,
         lambda path: _load(path, trust_checkpoint, optimizer_index, json_output),
-        lambda checkpoint, path: analyse(checkpoint, path, label["text"]),
+        analyse_stage,
         kind=kind,
         skipped=found.skipped,
         on_stage=on_stage,
@@ -297,7 +303,7 @@ def _trend_value(quantity: str, value: float | None) -> str:
 
 
 def _render_trends(run: Any) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     stages = [s for s in run.stages]
     headers = [f"step {s.step}" if s.step is not None else Path(s.path).name for s in stages]
@@ -314,7 +320,7 @@ def _render_trends(run: Any) -> None:
     title = f"{run.kind} across {len(stages)} stages" + (f" (names under {prefix})" if prefix else "")
     columns = ["name", "quantity", *headers, "last / first", "trend"]
     stdout_console().rule("summary", align="left")
-    _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="trends")
+    _print_table(wrap_first_column(table(title, columns, rows, right_from=2)), name="trends")
     if hidden:
         stdout_console().print(f"{len(hidden)} peer optimizers' memory (the same at every stage): --json")
     if run.failed:
@@ -326,6 +332,7 @@ def _render_trends(run: Any) -> None:
 
 @app.command(cls=_AnalysisCommand)
 def spectrum(
+    ctx: typer.Context,
     path: CheckpointPaths,
     top: Annotated[
         int, typer.Option("--top", min=1, help="How many leading singular values to report.")
@@ -371,13 +378,13 @@ def spectrum(
 
         adapprox spectrum checkpoint-500/ --method gram --json > spectrum.json
     """
-    from adapprox_cli.analysis import spectrum_report
+    from adapprox_cli.analysis import load_moments, spectrum_report
 
     _check_plot(plot)
     _CSV.start(csv)
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params, moment)
+        moments = load_moments(checkpoint, params=params, moment=moment)
         with _about(path), _progress(label, _show_progress(json_output)) as update:
             report = spectrum_report(
                 moments,
@@ -395,6 +402,7 @@ def spectrum(
         return report
 
     _analyse(
+        ctx,
         path,
         "spectrum",
         analyse,
@@ -407,7 +415,7 @@ def spectrum(
 
 
 def _render_spectrum(report: Any) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     tols = report.settings["tolerances"]
     prefix = common_name_prefix([m.name for m in report.matrices])
@@ -429,7 +437,7 @@ def _render_spectrum(report: Any) -> None:
     console = stdout_console()
     what = "second" if report.settings.get("moment", "exp_avg_sq") == "exp_avg_sq" else "first"
     title = f"Spectrum of the {what} moment" + (f" (names under {prefix})" if prefix else "")
-    _print_table(_wrapping(table(title, columns, rows)), name="spectrum")
+    _print_table(wrap_first_column(table(title, columns, rows)), name="spectrum")
     notes = [f"{len(report.matrices)} matrices"]
     if report.skipped:
         notes.append(f"{len(report.skipped)} vectors/scalars skipped")
@@ -442,113 +450,12 @@ def _render_spectrum(report: Any) -> None:
     console.print("; ".join(notes))
 
 
-def _wrapping(t: Any) -> Any:
-    # Long names wrap instead of squeezing the numeric columns in narrow terminals.
-    t.columns[0].no_wrap = False
-    t.columns[0].overflow = "fold"
-    return t
-
-
 def _print_table(t: Any, *, name: str = "table") -> None:
-    """A table on stdout within the terminal's width (or COLUMNS when set).
-
-    Numbers are never cut: the name column folds first, and when the numeric columns still do
-    not fit they are split over several tables that repeat the leading text columns. Into a pipe
-    without COLUMNS a table keeps its natural width: one line per row, for grep and awk.
-    """
-    import os
-
-    from adapprox_cli.render import stdout_console
+    """The table on stdout (``render.print_table``), kept for --csv under ``name``."""
+    from adapprox_cli.render import print_table
 
     _CSV.add(name, t)
-    console = stdout_console()
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
-        parts = _fit_columns(t, console.width)
-    else:
-        parts = [t]
-        width = _natural_width(t)
-        if width > console.width:
-            from rich.console import Console
-
-            console = Console(highlight=False, width=width)
-    for part in parts:
-        console.print(part)
-
-
-# Box-drawn tables spend 3 characters per column (a border and one space each side) and 1 more.
-_PER_COLUMN, _EDGE = 3, 1
-_MIN_NAME = 14
-
-
-def _natural_width(t: Any) -> int:
-    widths = [max([len(str(c.header)), *(len(x) for x in _cells(c))]) for c in t.columns]
-    return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
-
-
-def _cells(column: Any) -> list[str]:
-    return [str(c) for c in column._cells]
-
-
-def _fit_columns(t: Any, width: int) -> list[Any]:
-    from rich.table import Table
-
-    columns = list(t.columns)
-    keys = next((i for i, c in enumerate(columns) if c.justify != "left"), len(columns)) or 1
-    need = []
-    for c in columns:
-        longest_cell = max((len(x) for x in _cells(c)), default=0)
-        longest_word = max((len(w) for w in str(c.header).split()), default=0)
-        need.append(max(longest_cell, longest_word))
-    natural = [max(n, len(str(c.header))) for n, c in zip(need, columns)]
-
-    def total(widths: list[int]) -> int:
-        return sum(widths) + _PER_COLUMN * len(widths) + _EDGE
-
-    if total(natural) <= width:
-        return [t]
-    name_min = min(natural[0], _MIN_NAME)
-    if keys < len(columns) and total([name_min, *natural[1:]]) > width:
-        # Splitting anyway: let each part keep whole names where the widest column allows.
-        widest = max(need[keys:])
-        name_min = max(name_min, min(natural[0], width - total([0, *need[1:keys], widest])))
-    fixed = [name_min, *need[1:keys]]
-
-    def split(widths: list[int]) -> list[list[int]]:
-        chunks: list[list[int]] = []
-        for i in range(keys, len(columns)):
-            if chunks and total(fixed + [widths[j] for j in chunks[-1]] + [widths[i]]) <= width:
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-        return chunks
-
-    # Whole headers when they cost no extra part; else headers wrap at their spaces.
-    chunks = split(natural)
-    if len(chunks) > len(split(need)) or any(total(fixed + [natural[j] for j in c]) > width for c in chunks):
-        chunks = split(need)
-    else:
-        need = [*need[:keys], *natural[keys:]]
-    parts = []
-    for n, chunk in enumerate(chunks, 1):
-        chosen = list(range(keys)) + chunk
-        spare = width - total([need[j] for j in chosen])
-        widths = {j: need[j] for j in chosen}
-        widths[0] = max(name_min, min(natural[0], need[0] + spare))
-        title = t.title if len(chunks) == 1 else f"{t.title} (part {n}/{len(chunks)})"
-        part = Table(title=title, title_justify="left", header_style="bold")
-        for j in chosen:
-            c = columns[j]
-            part.add_column(
-                c.header,
-                justify=c.justify,
-                width=widths[j],
-                no_wrap=False,
-                overflow="fold",
-            )
-        for row in zip(*(_cells(columns[j]) for j in chosen)):
-            part.add_row(*row)
-        parts.append(part)
-    return parts
+    print_table(t)
 
 
 # --------------------------------------------------------------------------- compare
@@ -556,6 +463,7 @@ def _fit_columns(t: Any, width: int) -> list[Any]:
 
 @app.command(cls=_AnalysisCommand)
 def compare(
+    ctx: typer.Context,
     path: CheckpointPaths,
     rank: Annotated[int, typer.Option("--rank", min=1, help="Rank k of the low-rank methods.")] = 5,
     oversample: _Oversample = 5,
@@ -602,15 +510,15 @@ def compare(
 
         adapprox compare output_dir/ --rank 5 --plot error-over-training.png
     """
-    from adapprox_cli.analysis import compare_methods
+    from adapprox_cli.analysis import checkpoint_num_heads, compare_methods, load_moments
 
     _check_plot(plot)
     _CSV.start(csv)
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
 
     def analyse(checkpoint: Any, path: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params)
-        heads = num_heads or _num_heads(checkpoint)
+        moments = load_moments(checkpoint, params=params)
+        heads = num_heads or checkpoint_num_heads(checkpoint)
         with _about(path), _progress(label, _show_progress(json_output)) as update:
             report = compare_methods(
                 moments,
@@ -626,10 +534,11 @@ def compare(
                 progress=update,
             )
         report.settings["path"] = str(path)
-        _warn_dense_is_smaller(report, rank)
+        _warn_dense_is_smaller(report)
         return report
 
     _analyse(
+        ctx,
         path,
         "compare",
         analyse,
@@ -641,15 +550,12 @@ def compare(
     )
 
 
-def _warn_dense_is_smaller(report: Any, rank: int) -> None:
+def _warn_dense_is_smaller(report: Any) -> None:
     """At a large --rank the factors k (m + n) outgrow the dense m x n state they approximate."""
     from adapprox_cli.render import warn
 
-    larger = {
-        r.name: r.matrix_shape
-        for r in report.rows
-        if r.rank == rank and r.numbers_stored > r.matrix_shape[0] * r.matrix_shape[1]
-    }
+    rank = report.settings["rank"]
+    larger = report.larger_than_dense()
     if larger:
         name, shape = next(iter(larger.items()))
         warn(
@@ -666,23 +572,8 @@ def _long_row(r: Any) -> tuple:
     return (r.name, method, rank, *errors, f"{r.numbers_stored:,}", f"{r.seconds:.3f}")
 
 
-def _num_heads(checkpoint: Any) -> int | None:
-    """Attention heads from the file's model configuration, when it has one."""
-    sources = []
-    for holder in (getattr(checkpoint, "extra", None), getattr(checkpoint, "container", None)):
-        if isinstance(holder, dict):
-            sources += [holder, holder.get("model_args"), holder.get("config")]
-    for source in sources:
-        if isinstance(source, dict):
-            for key in ("n_head", "num_attention_heads", "n_heads", "num_heads"):
-                value = source.get(key)
-                if isinstance(value, int) and value > 0:
-                    return value
-    return None
-
-
 def _render_compare(report: Any, long: bool) -> None:
-    from adapprox_cli.render import stdout_console, table
+    from adapprox_cli.render import stdout_console, table, wrap_first_column
 
     console = stdout_console()
     methods = report.settings["methods"]
@@ -715,7 +606,8 @@ def _render_compare(report: Any, long: bool) -> None:
             f"; names under {prefix})" if prefix else ")"
         )
         _print_table(
-            _wrapping(table(title, ["parameter", "shape", *methods], rows, right_from=2)), name="errors"
+            wrap_first_column(table(title, ["parameter", "shape", *methods], rows, right_from=2)),
+            name="errors",
         )
         console.print("per-matrix ratios to the optimum, numbers stored and times: --long or --json")
     columns = ["method", "rel. error", "/ optimum", "/ rank-1 opt.", "numbers stored", "seconds"]
@@ -740,6 +632,7 @@ def _render_compare(report: Any, long: bool) -> None:
 
 @app.command(cls=_AnalysisCommand)
 def estimate(
+    ctx: typer.Context,
     path: _OptionalPaths = None,
     tol: Annotated[
         list[float] | None,
@@ -815,7 +708,13 @@ def estimate(
 
         adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
     """
-    from adapprox_cli.analysis import estimate_memory, estimate_preset
+    from adapprox_cli.analysis import (
+        checkpoint_num_heads,
+        estimate_memory,
+        estimate_preset,
+        load_moments,
+        state_bytes_per_number,
+    )
     from adapprox_cli.lowrank import DENSE_SKETCH_COLUMNS
 
     _check_plot(plot)
@@ -845,7 +744,7 @@ def estimate(
                 checkpoint = _load(sibling_path, trust_checkpoint, optimizer_index, json_output)
                 with _progress("sibling ranks", _show_progress(json_output)) as update:
                     sibling = estimate_memory(
-                        _moments(checkpoint, None),
+                        load_moments(checkpoint),
                         tolerances=tol or (0.05,),
                         galore_rank=galore_rank,
                         dtype=dtype,
@@ -874,7 +773,7 @@ def estimate(
         return
 
     def analyse(checkpoint: Any, source: Path, label: str) -> Any:
-        moments = _moments(checkpoint, params)
+        moments = load_moments(checkpoint, params=params)
         with _about(source), _progress(label, _show_progress(json_output)) as update:
             return estimate_memory(
                 moments,
@@ -883,8 +782,8 @@ def estimate(
                 fixed_ranks=rank or (),
                 rule=rule,
                 galore_rank=galore_rank,
-                bytes_per_number=_state_bytes_per_number(checkpoint),
-                num_heads=num_heads or _num_heads(checkpoint),
+                bytes_per_number=state_bytes_per_number(checkpoint),
+                num_heads=num_heads or checkpoint_num_heads(checkpoint),
                 adam_mini_default=adam_mini_default,
                 oversample=oversample,
                 power_iters=iters,
@@ -897,6 +796,7 @@ def estimate(
             )
 
     _analyse(
+        ctx,
         path,
         "estimate",
         analyse,
@@ -908,14 +808,8 @@ def estimate(
     )
 
 
-def _state_bytes_per_number(checkpoint: Any) -> int:
-    """Bytes per stored value of the file's second moments (4 for float32 states)."""
-    sizes = [p.dtype.itemsize for p in checkpoint.params if getattr(p, "has_second_moment", bool(p.state))]
-    return max(set(sizes), key=sizes.count) if sizes else 4
-
-
 def _render_estimate(report: Any) -> None:
-    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, wrap_first_column
 
     console = stdout_console()
     if report.matrices:
@@ -927,7 +821,7 @@ def _render_estimate(report: Any) -> None:
             cells = [f"{m.ranks[t]}{'*' if m.capped[t] else ''} ({m.errors[t]:.3g})" for t in tols]
             rows.append((m.name.removeprefix(prefix), format_shape(m.matrix_shape), m.rank_max, *cells))
         title = f"Adaptive ranks ({report.rule} rule)" + (f"; names under {prefix}" if prefix else "")
-        _print_table(_wrapping(table(title, columns, rows, right_from=2)), name="ranks")
+        _print_table(wrap_first_column(table(title, columns, rows, right_from=2)), name="ranks")
         if any(any(m.capped.values()) for m in report.matrices):
             console.print("* k_max reached before the tolerance (raise it with --rank-max)")
     columns = ["optimizer", "setting", "state", "bytes", "saved vs AdamW"]
