@@ -207,7 +207,9 @@ def train_command(
 
         torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu --fsdp
     """
-    from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, compare_optimizers, plot_loss_curves, train
+    from adapprox_cli.plots import plot_loss_curves
+    from adapprox_cli.train.compare import compare_optimizers, comparison_verdict
+    from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, train
 
     if optimizer not in OPTIMIZERS:
         raise InputError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -401,41 +403,6 @@ def _render(results: dict[str, Any], plot: Path | None, verdict: str | None) -> 
         console.print(f"loss curves: [bold]{safe_text(plot)}[/]")
     if verdict is not None:
         console.print(verdict)
-
-
-def comparison_verdict(results: dict[str, Any]) -> str | None:
-    """One line: did the first optimizer hold the second's loss, and with how much of its state?
-
-    Compares the final validation losses (train losses when a run has no evaluation); "held"
-    means at most 1% above.
-    """
-    if len(results) < 2:
-        return None
-    (name, first), (other_name, other) = list(results.items())[:2]
-    use_val = first.final_val_loss is not None and other.final_val_loss is not None
-    loss, baseline = (
-        (first.final_val_loss, other.final_val_loss)
-        if use_val
-        else (first.final_train_loss, other.final_train_loss)
-    )
-    if loss is None or not baseline:
-        return None
-    change = 100 * (loss - baseline) / baseline
-    share = f"{100 * first.state_bytes / other.state_bytes:.0f}%" if other.state_bytes else "-"
-    which = "validation" if use_val else "training"
-    label, other_label = _display_name(name), _display_name(other_name)
-    if change <= 1.0:
-        return (
-            f"{label} held {other_label}'s {which} loss ({change:+.1f}%) with {share} of its optimizer state"
-        )
-    return (
-        f"{label} did not hold {other_label}'s {which} loss ({change:+.1f}%, more than 1% above) "
-        f"with {share} of its optimizer state"
-    )
-
-
-def _display_name(name: str) -> str:
-    return {"adapprox": "Adapprox", "adamw": "AdamW", "adafactor": "Adafactor"}.get(name, name)
 
 
 def _loss(value: float | None) -> str:
