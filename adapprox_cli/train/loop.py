@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from adapprox_cli.checkpoints.core import optimizer_state_bytes
 from adapprox_cli.convert import ConversionReport, atomic_torch_save
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.data import get_batch
 from adapprox_cli.train.optimizers import OPTIMIZERS, build_optimizer, param_groups
@@ -220,7 +220,9 @@ def _validate(config: TrainConfig) -> None:
     if options.get("beta1") is not None:
         check_beta(options["beta1"])
     if config.resume and config.force:
-        raise InputError("--resume continues the run in --out, --force replaces it: pass one of them")
+        raise ParameterError(
+            "resume", "{name} continues the run in the output directory, force replaces it: pass one of them"
+        )
 
 
 def prepare_run(config: TrainConfig) -> TrainConfig:
@@ -445,9 +447,10 @@ def _open_metrics(config: TrainConfig, checkpoint_path: Path, out_dir: Path | No
     # One run per file: a continued run (resume) appends, a fresh one starts the file anew.
     continuing = out_dir is not None and checkpoint_path.resolve() == (out_dir / CHECKPOINT_NAME).resolve()
     if metrics_path.is_file() and metrics_path.stat().st_size and not (continuing or config.force):
-        raise InputError(
-            f"{metrics_path} already holds the metrics of another run; pass another --metrics, "
-            "--resume to continue that run, or --force to replace it"
+        raise ParameterError(
+            "metrics_path",
+            f"{metrics_path} already holds the metrics of another run; pass another {{name}}, "
+            "resume to continue that run, or force to replace it",
         )
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     return open(metrics_path, "a" if continuing else "w")  # closed by _Events.close

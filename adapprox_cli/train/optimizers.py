@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from adapprox_cli.convert import ConversionReport, adamw_to_adafactor, adamw_to_adapprox, adapprox_to_adamw
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.optim import Adapprox
 from adapprox_cli.train.model import nanogpt_param_groups
@@ -93,13 +93,17 @@ def build_optimizer(
     beta1 = options.get("beta1")
     if name == "adapprox":
         if kind == "adafactor":
-            raise InputError("the checkpoint holds an Adafactor state; resume it with --optimizer adafactor")
+            raise ParameterError(
+                "optimizer", "the checkpoint holds an Adafactor state; resume it with {name} adafactor"
+            )
         if kind == "adamw":
             state, report = adamw_to_adapprox(saved, beta1=beta1, names=dict(enumerate(names)), **settings)
         optimizer: torch.optim.Optimizer = Adapprox(groups, **settings)
     elif name == "adamw":
         if kind == "adafactor":
-            raise InputError("the checkpoint holds an Adafactor state; resume it with --optimizer adafactor")
+            raise ParameterError(
+                "optimizer", "the checkpoint holds an Adafactor state; resume it with {name} adafactor"
+            )
         if kind == "adapprox":
             state, report = adapprox_to_adamw(saved, names=dict(enumerate(names)))
         optimizer = torch.optim.AdamW(groups, foreach=False)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import ParameterError
 from adapprox_cli.train.model import nanogpt_learning_rate
 
 if TYPE_CHECKING:
@@ -76,8 +76,10 @@ def run_schedule(
     # Without a decay horizon there is no schedule to continue: the rate stays constant.
     decay_lr = bool(pick(config.decay_lr, "decay_lr", lr_decay_iters is not None))
     if decay_lr and lr_decay_iters is None:
-        raise InputError(
-            "the checkpoint's config has no lr_decay_iters; pass --lr-decay-iters N, or --no-decay-lr for a constant rate"
+        raise ParameterError(
+            "lr_decay_iters",
+            "the checkpoint's config has no lr_decay_iters; pass {name} N, or turn the decay off (decay_lr) "
+            "for a constant rate",
         )
     ended = decay_lr and config.lr_decay_iters is None and start_iter >= int(lr_decay_iters)
     if ended and config.learning_rate is not None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from adapprox_cli.devices import resolve_device
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import format_shape
 from adapprox_cli.train.data import encode_text_file, read_nanogpt_dataset, read_vocab
 from adapprox_cli.train.model import gpt_from_model_args, model_state_from_checkpoint
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from adapprox_cli.train.loop import TrainConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
+# A smaller micro-batch keeps the step's tokens when the step accumulates more of them.
+_SAME_STEP_SIZE = "(and more micro-batches per step for the same step size)"
 
 
 def resolve_train_device(device: str, processes: Processes) -> str:
@@ -86,33 +88,36 @@ def check_resumable(path: Path, container: dict[str, Any]) -> None:
 def load_factory(spec: str) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise InputError(
-            f"--model {spec!r}: expected package.module:factory (a callable returning an nn.Module)"
+        raise ParameterError(
+            "model", f"{{name}} {spec!r}: expected package.module:factory (a callable returning an nn.Module)"
         )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(
-            f"--model {spec!r}: cannot import {module_name} ({exc}); is it on PYTHONPATH?"
+        raise ParameterError(
+            "model", f"{{name}} {spec!r}: cannot import {module_name} ({exc}); is it on PYTHONPATH?"
         ) from None
     for part in attribute.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise InputError(f"--model {spec!r}: {module_name} has no attribute {attribute}")
+            raise ParameterError("model", f"{{name}} {spec!r}: {module_name} has no attribute {attribute}")
     if not callable(target):
-        raise InputError(f"--model {spec!r}: {attribute} is not callable")
+        raise ParameterError("model", f"{{name}} {spec!r}: {attribute} is not callable")
     model = target()
     if not isinstance(model, nn.Module):
-        raise InputError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ParameterError(
+            "model", f"{{name}} {spec!r} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
 def build_model(model_spec: str | None, container: dict[str, Any], source: str) -> nn.Module:
-    """The bundled GPT from ``model_args`` (or the ``--model`` factory), with the checkpoint's weights."""
+    """The bundled GPT from ``model_args`` (or the ``model_spec`` factory), with the checkpoint's weights."""
     if model_spec is None:
         if "model_args" not in container:
-            raise InputError(
-                f"{source} has no model_args; pass --model package.module:factory to build the model yourself"
+            raise ParameterError(
+                "model",
+                f"{source} has no model_args; pass {{name}} package.module:factory to build the model yourself",
             )
         # model_args are checked against the stored weights on the meta device first: a 5 MB file
         # must not make us allocate the 3.7 GB model its model_args claim.
@@ -160,12 +165,13 @@ def check_batch_fits(
     gradient), so what it refuses would not have fitted.
     """
     if batch_size < 1:
-        raise InputError(f"{source}: batch size {batch_size}; pass --batch-size N with N >= 1")
+        raise ParameterError("batch_size", f"{source}: batch size {batch_size}; pass {{name}} N with N >= 1")
     tokens = batch_size * block_size
     if tokens > max(train_tokens, 1):
-        raise InputError(
+        raise ParameterError(
+            "batch_size",
             f"{source}: a micro-batch of {batch_size} x {block_size} tokens is larger than the "
-            f"{train_tokens} training tokens; pass a smaller --batch-size (and --grad-accum for the same step size)"
+            f"{train_tokens} training tokens; pass a smaller {{name}} {_SAME_STEP_SIZE}",
         )
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -176,10 +182,11 @@ def check_batch_fits(
     if available is not None and needed > available:
         from adapprox_cli.render import human_bytes
 
-        raise InputError(
+        raise ParameterError(
+            "batch_size",
             f"{source}: batch size {batch_size} x {block_size} tokens needs about {human_bytes(needed)} of "
             f"activations, more than the {human_bytes(available)} available on {device}; pass a smaller "
-            "--batch-size (and --grad-accum for the same step size)"
+            f"{{name}} {_SAME_STEP_SIZE}",
         )
 
 
@@ -205,9 +212,9 @@ def _available_memory(device: str) -> int | None:
 def data_source(
     config: TrainConfig, checkpoint_path: Path, ckpt_config: dict[str, Any]
 ) -> tuple[Path, Path | None]:
-    """Where the tokens come from: --data/--text, else beside the checkpoint, else the recorded source.
+    """Where the tokens come from: data_dir/text, else beside the checkpoint, else the recorded source.
 
-    Checkpoints written by ``train`` record their data directory (and --text file), so the saved
+    Checkpoints written by ``train`` record their data directory (and text file), so the saved
     ckpt.pt of a run resumes with the command alone, wherever it was written.
     """
     if config.data_dir is not None or config.text is not None:
@@ -229,18 +236,20 @@ def load_data(data_dir: Path, text: Path | None) -> tuple[np.ndarray, np.ndarray
     if text is not None:
         meta = data_dir / "meta.pkl"
         if not meta.is_file():
-            raise InputError(
-                f"--text needs the checkpoint's character vocabulary, but {meta} does not exist; "
-                "pass --data DIR with the meta.pkl the checkpoint was trained with"
+            raise ParameterError(
+                "data_dir",
+                f"a text is encoded with the checkpoint's character vocabulary, but {meta} does not exist; "
+                "pass {name} DIR with the meta.pkl the checkpoint was trained with",
             )
         vocab = read_vocab(meta)
         ids = encode_text_file(text, vocab)
         split = int(len(ids) * 0.9)
         return ids[:split], ids[split:], vocab.vocab_size
     if not (data_dir / "train.bin").is_file():
-        raise InputError(
-            f"no training data: {data_dir / 'train.bin'} does not exist; pass --data DIR (train.bin, val.bin, "
-            "meta.pkl) or --text FILE"
+        raise ParameterError(
+            "data_dir",
+            f"no training data: {data_dir / 'train.bin'} does not exist; pass {{name}} DIR (train.bin, val.bin, "
+            "meta.pkl) or a text file to encode",
         )
     data = read_nanogpt_dataset(data_dir)
     return data.train, data.val, data.vocab.vocab_size if data.vocab else None
@@ -252,14 +261,16 @@ def sampler_seed(seed: int, rank: int, iteration: int) -> int:
 
 def check_fsdp(config: TrainConfig) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        raise InputError(
-            "--fsdp shards the model over the processes torchrun starts; run it as "
-            "torchrun --nproc-per-node 2 -m adapprox_cli train ... --fsdp"
+        raise ParameterError(
+            "fsdp",
+            "{name} shards the model over the processes torchrun starts (WORLD_SIZE > 1); run it under "
+            "torchrun, e.g. torchrun --nproc-per-node 2 -m adapprox_cli train ...",
         )
     if config.optimizer not in ("adapprox", "adamw"):
-        raise InputError(
-            f"--fsdp supports --optimizer adapprox or adamw, not {config.optimizer} "
-            "(its state does not follow the weight rows FSDP2 shards)"
+        raise ParameterError(
+            "fsdp",
+            f"{{name}} supports the adapprox and adamw optimizers, not {config.optimizer} "
+            "(its state does not follow the weight rows FSDP2 shards)",
         )
 
 
@@ -268,7 +279,9 @@ def run_length(until: int | None, steps: int, start_iter: int, source: str) -> i
     if until is None:
         return steps
     if until <= start_iter:
-        raise InputError(f"--until {until}: {source} is already at iteration {start_iter}; pass a larger N")
+        raise ParameterError(
+            "until", f"{{name}} {until}: {source} is already at iteration {start_iter}; pass a larger one"
+        )
     return until - start_iter
 
 
@@ -277,9 +290,11 @@ def block_size_of(requested: int | None, ckpt_config: dict[str, Any], model: nn.
     model_block = getattr(getattr(model, "config", None), "block_size", None)
     block_size = requested or ckpt_config.get("block_size") or model_block
     if not block_size:
-        raise InputError(f"{source} does not say its block size; pass --block-size")
+        raise ParameterError("block_size", f"{source} does not say its block size; pass {{name}}")
     if model_block is not None and block_size > model_block:
-        raise InputError(f"--block-size {block_size} exceeds the model's block size {model_block}")
+        raise ParameterError(
+            "block_size", f"{{name}} {block_size} exceeds the model's block size {model_block}"
+        )
     return block_size
 
 
