@@ -10,9 +10,10 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -28,11 +29,15 @@ from adapprox_cli.atomic_io import atomic_write
 from adapprox_cli.errors import InputError
 from adapprox_cli.methods import METHODS
 
+if TYPE_CHECKING:
+    from adapprox_cli.train.loop import TrainResult
+
 __all__ = [
     "plot_compare",
     "plot_compare_run",
     "plot_estimate",
     "plot_estimate_run",
+    "plot_loss_curves",
     "plot_spectrum",
     "plot_spectrum_run",
     "representative_names",
@@ -410,3 +415,65 @@ def plot_estimate_run(run: RunReport, path: str | Path) -> Path:
     _finish_step_axes((left, right), xs, labels, xlabel, legends=(left, right))
     fig.suptitle(_run_title(run, "Ranks and memory"))
     return _save(fig, path)
+
+
+def plot_loss_curves(results: dict[str, TrainResult], path: str | Path, title: str | None = None) -> Path:
+    """Training loss (raw and smoothed) and validation loss per iteration, one colour per optimizer.
+
+    Drawn on matplotlib's Agg canvas without pyplot, and written through a temporary file.
+    """
+    fig = Figure(figsize=(8, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    # The first run (the --optimizer one) is drawn last, solid and on top, the baselines under
+    # it dashed: curves that nearly coincide must still show both.
+    styles = {0: ("-", 3.0)}
+    for i, (name, result) in reversed(list(enumerate(results.items()))):
+        color, (linestyle, zorder) = f"C{i}", styles.get(i, ("--", 2.0))
+        iters = [h["iter"] for h in result.history]
+        losses = np.array([h["loss"] for h in result.history], dtype=float)
+        if len(losses):
+            ax.plot(iters, losses, color=color, alpha=0.2, linewidth=0.7, linestyle=linestyle, zorder=zorder)
+            ax.plot(
+                iters,
+                _ema(losses, 0.9),
+                color=color,
+                linewidth=1.8 if i == 0 else 1.4,
+                linestyle=linestyle,
+                label=f"{name} train (smoothed)",
+                zorder=zorder + 0.1,
+            )
+        if result.evals:
+            ax.plot(
+                [e["iter"] for e in result.evals],
+                [e["val"] for e in result.evals],
+                color=color,
+                # a small filled dot over a larger hollow square: coinciding values show both
+                marker="o" if i == 0 else "s",
+                markersize=5 if i == 0 else 9,
+                markerfacecolor=color if i == 0 else "white",
+                linestyle=":",
+                label=f"{name} val",
+                zorder=zorder + 0.2,
+            )
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "loss after resuming")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: list(results).index(labels[k].split(" ")[0]))
+    ax.legend([handles[k] for k in order], [labels[k] for k in order])
+    fig.tight_layout()
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    return atomic_write(path, lambda temporary: fig.savefig(temporary, format=fmt, dpi=120))
+
+
+def _ema(values: np.ndarray, beta: float) -> np.ndarray:
+    """Exponential moving average, bias-corrected so the first points do not lag the curve."""
+    out = np.empty_like(values)
+    average = 0.0
+    for i, value in enumerate(values):
+        average = beta * average + (1 - beta) * value
+        out[i] = average / (1 - beta ** (i + 1))
+    return out

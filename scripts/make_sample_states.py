@@ -3,7 +3,7 @@
     python scripts/make_sample_states.py            # rewrite sample_states/
     python scripts/make_sample_states.py --check    # regenerate into a temp dir, compare SHA256SUMS
 
-The full configuration takes about a minute on a 2-core CPU. See adapprox_cli/train/samples.py
+The full configuration takes about a minute on a 2-core CPU. See scripts/sample_builder.py
 for what is made and how it is kept reproducible.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from adapprox_cli.train.samples import (  # noqa: E402
+from sample_builder import (  # noqa: E402 - beside this script
     SAMPLE_CONFIGS,
     SHA256SUMS_FILE,
     compare_trees,

@@ -235,11 +235,11 @@ def test_train_saves_then_exits_128_plus_the_signal(signum, code, base, tmp_path
 
 def test_train_refuses_a_batch_whose_activations_cannot_fit(base, monkeypatch, tmp_path):
     from adapprox_cli.errors import InputError
-    from adapprox_cli.train import loop
+    from adapprox_cli.train import loop, setup
 
     _, base_dir = base
     config = loop.TrainConfig(checkpoint=str(base_dir / "ckpt.pt"), steps=1, out_dir=str(tmp_path / "run"))
-    monkeypatch.setattr(loop, "_available_memory", lambda device: 1 << 16)  # 64 KiB "free"
+    monkeypatch.setattr(setup, "_available_memory", lambda device: 1 << 16)  # 64 KiB "free"
     with pytest.raises(InputError, match=r"needs about .* of activations, more than the 64\.00 KiB"):
         loop.train(config)
     assert not (tmp_path / "run").exists()

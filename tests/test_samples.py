@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ import torch.nn as nn
 
 from adapprox_cli.train.data import read_nanogpt_dataset
 from adapprox_cli.train.model import gpt_from_checkpoint
-from adapprox_cli.train.samples import (
+
+# The builder of sample_states/ is a module of scripts/, not of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from sample_builder import (
     SAMPLE_CONFIGS,
     SHA256SUMS_FILE,
     compare_trees,

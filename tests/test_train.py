@@ -15,8 +15,10 @@ import torch
 
 from adapprox_cli.errors import InputError
 from adapprox_cli.optim import Adapprox
+from adapprox_cli.plots import plot_loss_curves
+from adapprox_cli.train.compare import compare_optimizers
 from adapprox_cli.train.data import get_batch, write_nanogpt_dataset
-from adapprox_cli.train.loop import TrainConfig, compare_optimizers, plot_loss_curves, train
+from adapprox_cli.train.loop import TrainConfig, train
 from adapprox_cli.train.model import GPT, GPTConfig, nanogpt_learning_rate, nanogpt_param_groups
 
 TEXT = "the quick brown fox jumps over the lazy dog; a small cat sat on the old mat. " * 40

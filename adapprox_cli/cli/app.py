@@ -82,6 +82,8 @@ _OPTION_OF_PARAMETER = {
     "ranks": "rank",
     "preset": "shapes",
     "spectrum_method": "method",
+    "data_dir": "data",
+    "metrics_path": "metrics",
 }
 
 

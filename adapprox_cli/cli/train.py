@@ -207,7 +207,8 @@ def train_command(
 
         torchrun --nproc-per-node 2 -m adapprox_cli train out/ckpt.pt --steps 100 --device cpu --fsdp
     """
-    from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, compare_optimizers, plot_loss_curves, train
+    from adapprox_cli.train.compare import compare_optimizers
+    from adapprox_cli.train.loop import OPTIMIZERS, TrainConfig, train
 
     if optimizer not in OPTIMIZERS:
         raise InputError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -223,8 +224,6 @@ def train_command(
 
         plot = check_plot_path(plot)  # before training: a bad path must not waste the run
     options = {"tol": tol, "beta1": beta1, "first_moment": first_moment, "rank_max": rank_max}
-    # e.g. "nanogpt-ckpt" for sample_states/nanogpt/ckpt.pt, "checkpoint-500" for a Trainer directory
-    run_name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}".strip("-")
     config = TrainConfig(
         checkpoint=path,
         steps=steps,
@@ -233,9 +232,7 @@ def train_command(
         model=model,
         data_dir=data,
         text=text,
-        out_dir=out
-        if out is not None
-        else Path("adapprox-runs") / f"{run_name}-{'compare' if compare else optimizer}",
+        out_dir=out if out is not None else _default_out(path, "compare" if compare else optimizer),
         device=device,
         batch_size=batch_size,
         block_size=block_size,
@@ -263,28 +260,44 @@ def train_command(
         else:
             results = {optimizer: train(config, lambda record: progress.update(optimizer, record))}
     if master:
-        if plot is None and compare:
-            plot = Path(config.out_dir) / "loss.png"  # a comparison always comes with its curves
-        if plot is not None:
-            plot_loss_curves(results, plot)
-        verdict = comparison_verdict(results) if compare else None
-        if json_output:
-            from adapprox_cli.render import print_json
-
-            # One shape with or without --compare: a list of runs, the first the --optimizer one.
-            print_json(
-                {
-                    "runs": [_summary(result) for result in results.values()],
-                    "verdict": verdict,
-                    "plot": str(plot) if plot is not None else None,
-                }
-            )
-        else:
-            _render(results, plot, verdict)
+        _report(results, Path(config.out_dir), plot, bool(compare), json_output)
     # Stopped by SIGINT/SIGTERM: the checkpoint is saved, but `train && next` must not carry on.
     stopped = next((r.stop_signal for r in results.values() if r.stop_signal), None)
     if stopped:
         raise typer.Exit(128 + int(stopped))
+
+
+def _default_out(path: Path, label: str) -> Path:
+    # e.g. "nanogpt-ckpt" for sample_states/nanogpt/ckpt.pt, "checkpoint-500" for a Trainer directory
+    run_name = path.name if path.is_dir() else f"{path.parent.name}-{path.stem}".strip("-")
+    return Path("adapprox-runs") / f"{run_name}-{label}"
+
+
+def _report(
+    results: dict[str, Any], out_dir: Path, plot: Path | None, compared: bool, json_output: bool
+) -> None:
+    """The loss curves, then the runs as JSON or as a table (rank 0 only)."""
+    from adapprox_cli.plots import plot_loss_curves
+    from adapprox_cli.train.compare import comparison_verdict
+
+    if plot is None and compared:
+        plot = out_dir / "loss.png"  # a comparison always comes with its curves
+    if plot is not None:
+        plot_loss_curves(results, plot)
+    verdict = comparison_verdict(results) if compared else None
+    if json_output:
+        from adapprox_cli.render import print_json
+
+        # One shape with or without --compare: a list of runs, the first the --optimizer one.
+        print_json(
+            {
+                "runs": [_summary(result) for result in results.values()],
+                "verdict": verdict,
+                "plot": str(plot) if plot is not None else None,
+            }
+        )
+    else:
+        _render(results, plot, verdict)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -401,41 +414,6 @@ def _render(results: dict[str, Any], plot: Path | None, verdict: str | None) -> 
         console.print(f"loss curves: [bold]{safe_text(plot)}[/]")
     if verdict is not None:
         console.print(verdict)
-
-
-def comparison_verdict(results: dict[str, Any]) -> str | None:
-    """One line: did the first optimizer hold the second's loss, and with how much of its state?
-
-    Compares the final validation losses (train losses when a run has no evaluation); "held"
-    means at most 1% above.
-    """
-    if len(results) < 2:
-        return None
-    (name, first), (other_name, other) = list(results.items())[:2]
-    use_val = first.final_val_loss is not None and other.final_val_loss is not None
-    loss, baseline = (
-        (first.final_val_loss, other.final_val_loss)
-        if use_val
-        else (first.final_train_loss, other.final_train_loss)
-    )
-    if loss is None or not baseline:
-        return None
-    change = 100 * (loss - baseline) / baseline
-    share = f"{100 * first.state_bytes / other.state_bytes:.0f}%" if other.state_bytes else "-"
-    which = "validation" if use_val else "training"
-    label, other_label = _display_name(name), _display_name(other_name)
-    if change <= 1.0:
-        return (
-            f"{label} held {other_label}'s {which} loss ({change:+.1f}%) with {share} of its optimizer state"
-        )
-    return (
-        f"{label} did not hold {other_label}'s {which} loss ({change:+.1f}%, more than 1% above) "
-        f"with {share} of its optimizer state"
-    )
-
-
-def _display_name(name: str) -> str:
-    return {"adapprox": "Adapprox", "adamw": "AdamW", "adafactor": "Adafactor"}.get(name, name)
 
 
 def _loss(value: float | None) -> str:
