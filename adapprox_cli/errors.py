@@ -23,14 +23,28 @@ class ParameterError(InputError):
     container into "does not have the structure its format implies", which a bad argument is not.
     """
 
-    def __init__(self, parameter: str, template: str):
+    def __init__(self, parameter: str, template: str, *, mentions: tuple[str, ...] = ()):
         self.parameter = parameter
         self.template = template
-        super().__init__(self.spelled(parameter))
+        # Other parameters the message suggests, each written as {its_name} in the template
+        # ("pass {resume} to continue it"), so the CLI can name their flags too.
+        self.mentions = mentions
+        super().__init__(self.spelled_by(lambda parameter: parameter))
 
     def spelled(self, name: str) -> str:
         """The message with the parameter called ``name`` (a flag such as ``--iters``)."""
-        return self.template.replace("{name}", name)
+        return self.spelled_by(lambda parameter: name if parameter == self.parameter else parameter)
+
+    def spelled_by(self, spell) -> str:
+        """The message with every parameter it names spelled by ``spell(python_name)``.
+
+        Only the exact tokens ``{name}`` and ``{<mention>}`` are replaced: text from the user
+        embedded in the template stays as it is unless it holds such a token literally.
+        """
+        text = self.template.replace("{name}", spell(self.parameter))
+        for parameter in self.mentions:
+            text = text.replace("{" + parameter + "}", spell(parameter))
+        return text
 
 
 class UnsafeCheckpointError(InputError):

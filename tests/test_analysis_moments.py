@@ -38,7 +38,7 @@ def test_device_and_dtype_resolution():
     assert analysis.resolve_dtype("float64") is torch.float64
     with pytest.raises(InputError, match="dtype must be float32 or float64"):
         analysis.resolve_dtype("bfloat16")
-    with pytest.raises(InputError, match="--device"):
+    with pytest.raises(InputError, match="device must be auto, cpu, cuda or cuda:N"):
         analysis.resolve_device("tpu")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):

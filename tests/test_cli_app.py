@@ -150,3 +150,15 @@ def test_a_bad_parameter_is_named_in_python_terms_by_the_library_and_by_its_flag
     # a parameter the command has no option for keeps its Python name rather than a made-up flag
     result = runner.invoke(app, ["_bad-parameter-for-tests", "--iters", "-1", "--parameter", "sketch_width"])
     assert result.exit_code == 2 and "Error: sketch_width -1: must be an integer >= 0" in result.output
+
+
+def test_a_message_naming_several_parameters_spells_each_one():
+    error = ParameterError("out_dir", "run/ exists; pass {resume} or another {name}", mentions=("resume",))
+    assert str(error) == "run/ exists; pass resume or another out_dir"
+    assert error.spelled("--out") == "run/ exists; pass resume or another --out"
+    flags = {"out_dir": "--out", "resume": "--resume"}
+    assert error.spelled_by(flags.get) == "run/ exists; pass --resume or another --out"
+    # user text that merely looks like a placeholder is left alone
+    assert ParameterError("pattern", "{name} 'a{2}' matches nothing").spelled("--params") == (
+        "--params 'a{2}' matches nothing"
+    )

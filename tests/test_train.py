@@ -245,7 +245,9 @@ def test_comparison_checks_every_out_dir_before_training_and_resumes_each_run(ch
     config = _config(checkpoint, steps=1, out_dir=tmp_path / "cmp", final_eval=False)
     compare_optimizers(config, ["adamw"])
     (tmp_path / "cmp" / "adapprox" / "ckpt.pt").unlink()  # only AdamW's run is left in --out
-    with pytest.raises(InputError, match=r"adamw.ckpt\.pt exists from an earlier run; pass --resume"):
+    with pytest.raises(
+        InputError, match=r"adamw.ckpt\.pt exists from an earlier run; pass resume to continue it, force"
+    ):
         compare_optimizers(config, ["adamw"])
     assert not (tmp_path / "cmp" / "adapprox" / "ckpt.pt").exists()  # refused before Adapprox trained
     resumed = compare_optimizers(replace(config, resume=True), ["adamw"])

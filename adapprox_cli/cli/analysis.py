@@ -105,7 +105,7 @@ def _about(path: Path) -> Iterator[None]:
         if str(path) in str(exc):
             raise
         if isinstance(exc, ParameterError):  # still printed with the command's flag
-            raise ParameterError(exc.parameter, f"{path}: {exc.template}") from exc
+            raise ParameterError(exc.parameter, f"{path}: {exc.template}", mentions=exc.mentions) from exc
         raise type(exc)(f"{path}: {exc}") from exc
 
 
@@ -227,7 +227,7 @@ def _analyse(
     """
     from adapprox_cli.analysis import analyse_run
     from adapprox_cli.checkpoints.runs import find_stages
-    from adapprox_cli.cli.app import _message
+    from adapprox_cli.cli.app import error_message
     from adapprox_cli.render import print_json, warn
 
     found = find_stages(paths, trust_checkpoint=trust_checkpoint)
@@ -252,7 +252,7 @@ def _analyse(
         try:
             return analyse(checkpoint, path, label["text"])
         except ParameterError as exc:  # a stage's one-line error names the flag, as a lone file's does
-            raise InputError(_message(exc, ctx.command)) from exc
+            raise InputError(error_message(exc, ctx.command)) from exc
 
     def on_result(i: int, total: int, result: Any) -> None:
         if result.report is None:

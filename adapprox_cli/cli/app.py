@@ -81,21 +81,29 @@ _OPTION_OF_PARAMETER = {
     "fixed_ranks": "rank",
     "ranks": "rank",
     "preset": "shapes",
-    "spectrum_method": "method",
     "data_dir": "data",
     "metrics_path": "metrics",
+    "out_dir": "out",
 }
 
 
-def _message(exc: AdapproxError, command) -> str:
-    """The error as the command's user reads it: a bad parameter is named by its flag."""
+def error_message(exc: AdapproxError, command) -> str:
+    """The error as the command's user reads it: each parameter it names is called by its flag.
+
+    A parameter the command has no option for keeps its Python name rather than a made-up flag.
+    """
     if not isinstance(exc, ParameterError) or command is None:
         return str(exc)
-    wanted = _OPTION_OF_PARAMETER.get(exc.parameter, exc.parameter)
-    for param in command.params:
-        if param.name in (wanted, exc.parameter) and param.opts and param.param_type_name == "option":
-            return exc.spelled(max(param.opts, key=len))
-    return str(exc)
+    flags = {
+        param.name: max(param.opts, key=len)
+        for param in command.params
+        if param.param_type_name == "option" and param.opts
+    }
+
+    def spell(parameter: str) -> str:
+        return flags.get(_OPTION_OF_PARAMETER.get(parameter, parameter), flags.get(parameter, parameter))
+
+    return exc.spelled_by(spell)
 
 
 class _ErrorReportingGroup(TyperGroup):
@@ -118,7 +126,7 @@ class _ErrorReportingGroup(TyperGroup):
             if debug_enabled():
                 raise
             command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            _print_error(_message(exc, command))
+            _print_error(error_message(exc, command))
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise

@@ -242,9 +242,11 @@ def prepare_run(config: TrainConfig) -> TrainConfig:
     if config.resume and own.is_file():
         return replace(config, checkpoint=own)
     if own.exists() and not (continuing or config.force or config.resume):
-        raise InputError(
-            f"{own} exists from an earlier run; pass --resume to continue it, --force to replace it, "
-            "or another --out"
+        raise ParameterError(
+            "out_dir",
+            f"{own} exists from an earlier run; pass {{resume}} to continue it, {{force}} to replace it, "
+            "or another {name}",
+            mentions=("resume", "force"),
         )
     return config
 
