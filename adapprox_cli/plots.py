@@ -26,7 +26,7 @@ from adapprox_cli.analysis import (
     common_name_prefix,
 )
 from adapprox_cli.atomic_io import atomic_write
-from adapprox_cli.errors import InputError
+from adapprox_cli.errors import ParameterError
 from adapprox_cli.methods import METHODS
 
 if TYPE_CHECKING:
@@ -65,11 +65,14 @@ def check_plot_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in _FORMATS:
-        raise InputError(
-            f"--plot {path}: unknown image format {path.suffix or '(none)'}; use a .png (or .pdf/.svg) name"
+        raise ParameterError(
+            "plot",
+            f"{{name}} {path}: unknown image format {path.suffix or '(none)'}; use a .png (or .pdf/.svg) name",
         )
     if not path.parent.is_dir():
-        raise InputError(f"--plot {path}: the folder {path.parent} does not exist; create it first")
+        raise ParameterError(
+            "plot", f"{{name}} {path}: the folder {path.parent} does not exist; create it first"
+        )
     return path
 
 
