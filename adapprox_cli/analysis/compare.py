@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -164,6 +164,11 @@ def compare_methods(
         raise InputError(
             "none of the selected parameters is a matrix (all are vectors or scalars); nothing to compare"
         )
+    # Per matrix, the rank is clamped to its shape, the generator seeded by its index and
+    # Adam-mini's block read from its name (``_run_method``).
+    common = ApproximationSettings(
+        rank=rank, oversample=oversample, power_iters=power_iters, num_heads=num_heads
+    )
     rows: list[CompareRow] = []
     optimum: list[dict[str, Any]] = []
     for done, moment in enumerate(matrices):
@@ -181,8 +186,9 @@ def compare_methods(
             if method == "svd":
                 result = (opt_k, k * (m + n), svd_seconds, k, "")
             else:
-                result = _run_method(method, moment, v, fro_sq, k, oversample, power_iters, seed,
-                                     adam_mini_default, num_heads, device)  # fmt: skip
+                result = _run_method(
+                    method, moment, v, fro_sq, replace(common, rank=k), seed, adam_mini_default
+                )
             error, stored, seconds, method_rank, detail = result
             rows.append(
                 CompareRow(
@@ -217,31 +223,28 @@ def _run_method(
     moment: Moment,
     v: Tensor,
     fro_sq: float,
-    rank: int,
-    oversample: int,
-    power_iters: int,
+    common: ApproximationSettings,
     seed: int,
     adam_mini_default: str,
-    num_heads: int | None,
-    device: torch.device,
 ) -> tuple[float, int, float, int | None, str]:
-    block = memory.adam_mini_block(moment.name, moment.shape, num_heads=num_heads, default=adam_mini_default)
+    """(error, numbers stored, seconds, rank, detail) of one method on one loaded matrix."""
+    heads = common.num_heads
+    block = memory.adam_mini_block(moment.name, moment.shape, num_heads=heads, default=adam_mini_default)
     detail = ""
     if method == "adam_mini":
-        detail = f"head x{num_heads}" if block == "head" else block
+        detail = f"head x{heads}" if block == "head" else block
         if block == "full":  # a matrix named like a bias: Adam-mini keeps full Adam state for it
             return 0.0, v.numel(), 0.0, None, detail
-    settings = ApproximationSettings(
-        rank=rank,
-        oversample=oversample,
-        power_iters=power_iters,
-        generator=lowrank.seeded_generator(seed, moment.index, device=device),
+    settings = replace(
+        common,
+        generator=lowrank.seeded_generator(seed, moment.index, device=v.device),
         adam_mini_block=block if block in ("row", "head", "tensor") else "row",
-        num_heads=num_heads,
     )
     # The registry's methods return the dense reconstruction; the error is taken block by block
     # so that only V and one reconstruction are alive at a time.
-    (reconstruction, stored, method_rank), seconds = _timed(lambda: METHODS[method].run(v, settings), device)
+    (reconstruction, stored, method_rank), seconds = _timed(
+        lambda: METHODS[method].run(v, settings), v.device
+    )
     error = blockwise_relative_error(v, reconstruction, fro_sq)
     return error, int(stored), seconds, method_rank, detail
 

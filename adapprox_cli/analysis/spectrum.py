@@ -77,6 +77,17 @@ class SpectrumReport:
         }
 
 
+@dataclass(frozen=True)
+class _SpectrumSettings:
+    """What every matrix's spectrum is computed with (and what the report records)."""
+
+    top: int
+    tolerances: list[float]
+    method: str  # "auto" | "svd" | "gram" | "sketch"; "auto" is decided per matrix
+    oversample: int
+    power_iters: int
+
+
 def spectrum_report(
     moments: Iterable[tuple[str, Tensor] | Moment],
     *,
@@ -107,6 +118,7 @@ def spectrum_report(
     if power_iters < 0:
         raise ParameterError("power_iters", f"{{name}} must be >= 0, got {power_iters}")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    settings = _SpectrumSettings(top, list(tolerances), method, oversample, power_iters)
     moments = as_moments(moments)
     matrices = [m for m in moments if m.matrix_shape is not None]
     skipped = [m.name for m in moments if m.matrix_shape is None]
@@ -120,30 +132,20 @@ def spectrum_report(
             progress(done, len(matrices), moment.name)
         v = load_matrix(moment, dtype, device)
         generator = lowrank.seeded_generator(seed, moment.index, device=device)
-        results.append(
-            _matrix_spectrum(moment, v, top, tolerances, method, oversample, power_iters, generator)
-        )
+        results.append(_matrix_spectrum(moment, v, settings, generator))
         del v
     if progress:
         progress(len(matrices), len(matrices), "")
-    settings = dict(
-        top=top, tolerances=list(tolerances), method=method, oversample=oversample, power_iters=power_iters,
-        dtype=dtype_name(dtype), device=str(device), seed=seed,
-    )  # fmt: skip
-    return SpectrumReport(results, skipped, settings)
+    recorded = dict(asdict(settings), dtype=dtype_name(dtype), device=str(device), seed=seed)
+    return SpectrumReport(results, skipped, recorded)
 
 
 def _matrix_spectrum(
-    moment: Moment,
-    v: Tensor,
-    top: int,
-    tolerances: Sequence[float],
-    method: str,
-    oversample: int,
-    power_iters: int,
-    generator: torch.Generator,
+    moment: Moment, v: Tensor, settings: _SpectrumSettings, generator: torch.Generator
 ) -> MatrixSpectrum:
     start = time.perf_counter()
+    top, method = settings.top, settings.method
+    oversample, power_iters = settings.oversample, settings.power_iters
     m, n = v.shape
     fro_sq = frobenius_sq(v, moment.name)
     width = min(max(top, max(ENERGY_TOPS)) + oversample, m, n)
@@ -183,7 +185,7 @@ def _matrix_spectrum(
         stable_rank=None if zero else fro_sq / float(s2[0]),
         energy_share={k: None if zero else float(energy[min(k, len(s2)) - 1]) for k in ENERGY_TOPS},
         rank_for_energy_99=0 if zero else first_rank(energy >= 0.99),
-        rank_for_error={float(t): (0 if zero else first_rank(errors[1:] <= t)) for t in tolerances},
+        rank_for_error={float(t): (0 if zero else first_rank(errors[1:] <= t)) for t in settings.tolerances},
         ranks_known_up_to=len(s2),
         seconds=time.perf_counter() - start,
     )
