@@ -326,15 +326,21 @@ class _Progress:
             disable=not enabled,
         )
         self.tasks: dict[str, Any] = {}
+        self.started = False
 
     def __enter__(self) -> _Progress:
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
+        if self.started:
+            self.bar.__exit__(*exc)
 
     def update(self, name: str, record: dict[str, Any]) -> None:
+        # Started at the first record, so a run refused before its first step leaves only the
+        # one-line error on stderr (an ended live display leaves a blank line behind).
+        if not self.started:
+            self.bar.__enter__()
+            self.started = True
         from adapprox_cli.render import human_bytes, safe_text
 
         event = record.get("event")
