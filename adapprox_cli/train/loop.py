@@ -21,7 +21,6 @@ and the replicas stay identical. Only rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import signal
@@ -79,10 +78,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "check_resumable",
-    "compare_optimizers",  # noqa: F822 - loaded on first use, see __getattr__
-    "comparison_run",  # noqa: F822 - loaded on first use, see __getattr__
     "learning_rate_at",
-    "plot_loss_curves",  # noqa: F822 - loaded on first use, see __getattr__
     "prepare_run",
     "train",
 ]
@@ -700,18 +696,3 @@ def _stop_on_signals(enabled: bool) -> Iterator[dict[str, Any]]:
     finally:
         for s, handler_before in previous.items():
             signal.signal(s, handler_before)
-
-
-# The comparison runs and the loss-curve figure moved to their own modules; they stay importable
-# from here, loaded on first use (compare imports this module, plots sits above the library).
-_MOVED = {
-    "compare_optimizers": "adapprox_cli.train.compare",
-    "comparison_run": "adapprox_cli.train.compare",
-    "plot_loss_curves": "adapprox_cli.plots",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
