@@ -108,9 +108,9 @@ def test_compare_rejects_unknown_methods(moments):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"rank": 0}, "rank must be >= 1, got 0"),
-        ({"oversample": -1}, "oversample must be >= 0, got -1"),
-        ({"power_iters": -1}, "power_iters must be >= 0, got -1"),
+        ({"rank": 0}, "rank 0: must be an integer >= 1"),
+        ({"oversample": -1}, "oversample -1: must be an integer >= 0"),
+        ({"power_iters": -1}, "power_iters -1: must be an integer >= 0"),
         ({"exact": "qr"}, "exact must be auto, svd or gram, got 'qr'"),
     ],
 )

@@ -99,8 +99,8 @@ def test_estimate_rank_max_caps_ranks():
         ({"rule": "guess"}, "rule must be exact or as-rsi, got 'guess'"),
         ({"tolerances": [0.1, 1.5]}, r"tolerances values must be in \[0, 1\), got 1.5, 0.1"),
         ({"tolerances": []}, r"tolerances values must be in \[0, 1\), got none"),
-        ({"rank_max": 0}, "rank_max must be >= 1, got 0"),
-        ({"fixed_ranks": [2, 0]}, "fixed_ranks must be >= 1, got 2, 0"),
+        ({"rank_max": 0}, "rank_max 0: must be an integer >= 1"),
+        ({"fixed_ranks": [2, 0]}, "fixed_ranks 0: must be an integer >= 1"),
     ],
 )
 def test_bad_settings_are_named_as_python_spells_them(settings, message):
@@ -112,5 +112,5 @@ def test_bad_settings_are_named_as_python_spells_them(settings, message):
 def test_bad_plans_are_named_as_python_spells_them():
     with pytest.raises(ParameterError, match=r"^preset must be one of gpt2-124m, .* got 'gpt5'$"):
         estimate_preset("gpt5")
-    with pytest.raises(ParameterError, match=r"^ranks must be >= 1, got 0$"):
+    with pytest.raises(ParameterError, match=r"^ranks 0: must be an integer >= 1$"):
         estimate_shapes([("w", (8, 8))], "w", ranks=(0,))

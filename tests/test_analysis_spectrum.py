@@ -120,9 +120,9 @@ def test_half_precision_states_are_upcast():
     ("settings", "message"),
     [
         ({"method": "magic"}, "method must be one of auto, svd, gram, sketch, got 'magic'"),
-        ({"top": 0}, "top must be >= 1, got 0"),
-        ({"oversample": -1}, "oversample must be >= 0, got -1"),
-        ({"power_iters": -2}, "power_iters must be >= 0, got -2"),
+        ({"top": 0}, "top 0: must be an integer >= 1"),
+        ({"oversample": -1}, "oversample -1: must be an integer >= 0"),
+        ({"power_iters": -2}, "power_iters -2: must be an integer >= 0"),
     ],
 )
 def test_bad_settings_are_named_as_python_spells_them(settings, message):

@@ -24,6 +24,7 @@ from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import dtype_name
 from adapprox_cli.methods import METHODS, ApproximationSettings
+from adapprox_cli.validation import check_at_least
 
 __all__ = ["DEFAULT_METHODS", "CompareReport", "CompareRow", "CompareSummary", "compare_methods"]
 
@@ -149,12 +150,9 @@ def compare_methods(
             "methods",
             f"{{name}}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}",
         )
-    if rank < 1:
-        raise ParameterError("rank", f"{{name}} must be >= 1, got {rank}")
-    if oversample < 0:
-        raise ParameterError("oversample", f"{{name}} must be >= 0, got {oversample}")
-    if power_iters < 0:
-        raise ParameterError("power_iters", f"{{name}} must be >= 0, got {power_iters}")
+    check_at_least(rank, 1, "rank")
+    check_at_least(oversample, 0, "oversample")
+    check_at_least(power_iters, 0, "power_iters")
     if exact not in ("auto", "svd", "gram"):
         raise ParameterError("exact", f"{{name}} must be auto, svd or gram, got {exact!r}")
     dtype, device = resolve_dtype(dtype), resolve_device(device)

@@ -20,6 +20,7 @@ from adapprox_cli.defaults import DEFAULT_TOL
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import ParameterError
 from adapprox_cli.formatting import dtype_name
+from adapprox_cli.validation import check_at_least
 
 __all__ = [
     "PEER_OPTIMIZERS",
@@ -276,10 +277,10 @@ def estimate_memory(
     if not tolerances or any(not (0 <= t < 1) for t in tolerances):
         got = ", ".join(map(str, tolerances)) or "none"
         raise ParameterError("tolerances", f"{{name}} values must be in [0, 1), got {got}")
-    if rank_max is not None and rank_max < 1:
-        raise ParameterError("rank_max", f"{{name}} must be >= 1, got {rank_max}")
-    if any(k < 1 for k in fixed_ranks):
-        raise ParameterError("fixed_ranks", f"{{name}} must be >= 1, got {', '.join(map(str, fixed_ranks))}")
+    if rank_max is not None:
+        check_at_least(rank_max, 1, "rank_max")
+    for k in fixed_ranks:
+        check_at_least(k, 1, "fixed_ranks")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     moments = as_moments(moments)
     factored = [(i, m) for i, m in enumerate(moments) if lowrank.is_factored(m.shape, rank_max)]
@@ -484,8 +485,9 @@ def estimate_shapes(
     """State memory of every optimizer for these parameter shapes at fixed Adapprox ranks (and
     at the ranks a measured ``sibling`` gives, see ``ranks_from_sibling``), and the training
     totals (weights + gradients + state) at the usual precisions."""
-    if any(k is not None and k < 1 for k in ranks):
-        raise ParameterError("ranks", f"{{name}} must be >= 1, got {', '.join(str(k) for k in ranks)}")
+    for k in ranks:
+        if k is not None:  # None: k_max
+            check_at_least(k, 1, "ranks")
     k_maxes = sorted({lowrank.rank_cap(*v) for _, s in named_shapes if (v := lowrank.matrix_view_shape(s))})
     settings_ranks: dict[str, int | None] = {}
     for k in ranks:

@@ -24,6 +24,7 @@ from adapprox_cli.analysis.numerics import (
 from adapprox_cli.devices import resolve_device
 from adapprox_cli.errors import InputError, ParameterError
 from adapprox_cli.formatting import dtype_name
+from adapprox_cli.validation import check_at_least
 
 __all__ = ["DEFAULT_ERROR_TOLERANCES", "MatrixSpectrum", "SpectrumReport", "spectrum_report"]
 
@@ -111,12 +112,9 @@ def spectrum_report(
         raise ParameterError(
             "method", f"{{name}} must be one of {', '.join(SPECTRUM_METHODS)}, got {method!r}"
         )
-    if top < 1:
-        raise ParameterError("top", f"{{name}} must be >= 1, got {top}")
-    if oversample < 0:
-        raise ParameterError("oversample", f"{{name}} must be >= 0, got {oversample}")
-    if power_iters < 0:
-        raise ParameterError("power_iters", f"{{name}} must be >= 0, got {power_iters}")
+    check_at_least(top, 1, "top")
+    check_at_least(oversample, 0, "oversample")
+    check_at_least(power_iters, 0, "power_iters")
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     settings = _SpectrumSettings(top, list(tolerances), method, oversample, power_iters)
     moments = as_moments(moments)

@@ -24,6 +24,7 @@ from adapprox_cli.checkpoints.formats.safetensors import write_adapprox_safetens
 from adapprox_cli.checkpoints.safe_load import check_readable_file, restricted_unpickle, safe_torch_load
 from adapprox_cli.checkpoints.summary import describe_checkpoint
 from adapprox_cli.errors import InputError, ParameterError
+from adapprox_cli.validation import check_at_least
 
 FORMATS = tuple(f.name for f in registry())  # every format name, in detection order
 
@@ -62,8 +63,7 @@ def load_checkpoint(
 ) -> OptimizerCheckpoint:
     """Load the optimizer state of any supported checkpoint (see the module docstring)."""
     path = Path(path).expanduser()
-    if optimizer_index < 0:
-        raise ParameterError("optimizer_index", f"{{name}} must be >= 0, got {optimizer_index}")
+    check_at_least(optimizer_index, 0, "optimizer_index")
     try:
         checkpoint = _load(path, trust_checkpoint, optimizer_index)
         check_declared_shapes(checkpoint)
