@@ -106,13 +106,22 @@ class EstimateReport:
 
 
 @dataclass(frozen=True)
+class PeerSettings:
+    """The knobs of the peers whose state depends on more than the shapes."""
+
+    galore_rank: int = 128  # GaLore's and COAP's projection rank
+    num_heads: int | None = None  # Adam-mini's per-head blocks of attention matrices
+    adam_mini_default: str = "row"  # Adam-mini's block for a matrix its name rules do not place
+
+
+@dataclass(frozen=True)
 class PeerOptimizer:
     """A peer optimizer ``estimate`` compares against: its memory row from the parameter shapes."""
 
     key: str
     label: str
-    # (named shapes, galore_rank, num_heads, adam_mini_default) -> (setting, numbers, packed bits)
-    count: Callable[[list[tuple[str, tuple[int, ...]]], int, int | None, str], tuple[str, int, int]] = field(
+    # (named shapes, peer settings) -> (setting shown, numbers, packed bits)
+    count: Callable[[list[tuple[str, tuple[int, ...]]], PeerSettings], tuple[str, int, int]] = field(
         repr=False
     )
 
@@ -120,38 +129,44 @@ class PeerOptimizer:
 # The one list of peers, in table order (after AdamW and the Adapprox rows).
 PEER_OPTIMIZERS = (
     PeerOptimizer(
-        "adafactor", "Adafactor", lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns)), 0)
+        "adafactor", "Adafactor", lambda ns, p: ("", memory.adafactor_state_numbers(_shapes(ns)), 0)
     ),
     PeerOptimizer(
         "adafactor_m",
         "Adafactor (beta1)",
-        lambda ns, g, h, d: ("", memory.adafactor_state_numbers(_shapes(ns), first_moment=True), 0),
+        lambda ns, p: ("", memory.adafactor_state_numbers(_shapes(ns), first_moment=True), 0),
     ),
-    PeerOptimizer("came", "CAME", lambda ns, g, h, d: ("", memory.came_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("came", "CAME", lambda ns, p: ("", memory.came_state_numbers(_shapes(ns)), 0)),
     PeerOptimizer(
         "adam_mini",
         "Adam-mini",
-        lambda ns, g, h, d: ("", memory.adam_mini_state_numbers(ns, num_heads=h, default=d), 0),
+        lambda ns, p: (
+            "",
+            memory.adam_mini_state_numbers(ns, num_heads=p.num_heads, default=p.adam_mini_default),
+            0,
+        ),
     ),
     PeerOptimizer(
         "smmf",
         "SMMF",
-        lambda ns, g, h, d: ("", memory.smmf_state_numbers(_shapes(ns)), memory.smmf_sign_bits(_shapes(ns))),
+        lambda ns, p: ("", memory.smmf_state_numbers(_shapes(ns)), memory.smmf_sign_bits(_shapes(ns))),
     ),
     PeerOptimizer(
-        "galore", "GaLore", lambda ns, g, h, d: (f"r={g}", memory.galore_state_numbers(_shapes(ns), g), 0)
+        "galore",
+        "GaLore",
+        lambda ns, p: (f"r={p.galore_rank}", memory.galore_state_numbers(_shapes(ns), p.galore_rank), 0),
     ),
     PeerOptimizer(
-        "coap", "COAP", lambda ns, g, h, d: (f"r={g}", memory.coap_state_numbers(_shapes(ns), g), 0)
+        "coap",
+        "COAP",
+        lambda ns, p: (f"r={p.galore_rank}", memory.coap_state_numbers(_shapes(ns), p.galore_rank), 0),
     ),
-    PeerOptimizer(
-        "adalomo", "AdaLomo", lambda ns, g, h, d: ("", memory.adalomo_state_numbers(_shapes(ns)), 0)
-    ),
-    PeerOptimizer("badam", "BAdam", lambda ns, g, h, d: ("active block", memory.badam_state_numbers(ns), 0)),
+    PeerOptimizer("adalomo", "AdaLomo", lambda ns, p: ("", memory.adalomo_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("badam", "BAdam", lambda ns, p: ("active block", memory.badam_state_numbers(ns), 0)),
     PeerOptimizer(
         "microadam",
         "MicroAdam",
-        lambda ns, g, h, d: (
+        lambda ns, p: (
             f"m={memory.MICROADAM_WINDOW}, 1%",
             0,
             memory.microadam_state_bits(_shapes(ns)),
@@ -160,20 +175,18 @@ PEER_OPTIMIZERS = (
     PeerOptimizer(
         "torchao_adamw8bit",
         "torchao AdamW8bit",
-        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=8)),
+        lambda ns, p: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=8)),
     ),
     PeerOptimizer(
         "torchao_adamw4bit",
         "torchao AdamW4bit",
-        lambda ns, g, h, d: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=4)),
+        lambda ns, p: ("", *memory.torchao_low_bit_state(_shapes(ns), bits=4)),
     ),
-    PeerOptimizer("lion", "Lion", lambda ns, g, h, d: ("", memory.lion_state_numbers(_shapes(ns)), 0)),
-    PeerOptimizer("muon", "Muon", lambda ns, g, h, d: ("+AdamW", memory.muon_state_numbers(ns), 0)),
-    PeerOptimizer("fadam", "FAdam", lambda ns, g, h, d: ("", memory.adamw_state_numbers(_shapes(ns)), 0)),
-    PeerOptimizer("soap", "SOAP", lambda ns, g, h, d: ("", memory.soap_state_numbers(_shapes(ns)), 0)),
-    PeerOptimizer(
-        "shampoo", "Shampoo", lambda ns, g, h, d: ("", memory.shampoo_state_numbers(_shapes(ns)), 0)
-    ),
+    PeerOptimizer("lion", "Lion", lambda ns, p: ("", memory.lion_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("muon", "Muon", lambda ns, p: ("+AdamW", memory.muon_state_numbers(ns), 0)),
+    PeerOptimizer("fadam", "FAdam", lambda ns, p: ("", memory.adamw_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("soap", "SOAP", lambda ns, p: ("", memory.soap_state_numbers(_shapes(ns)), 0)),
+    PeerOptimizer("shampoo", "Shampoo", lambda ns, p: ("", memory.shampoo_state_numbers(_shapes(ns)), 0)),
 )
 
 _LABELS = {
@@ -290,7 +303,16 @@ def estimate_memory(
             progress(done, len(factored), moment.name)
         v = load_matrix(moment, dtype, device)
         matrices.append(
-            _matrix_ranks(moment, v, tolerances, rank_max, rule, oversample, power_iters, seed, device)
+            _matrix_ranks(
+                moment,
+                v,
+                tolerances,
+                rank_max,
+                rule,
+                oversample=oversample,
+                power_iters=power_iters,
+                seed=seed,
+            )
         )
         del v
     if progress:
@@ -301,15 +323,14 @@ def estimate_memory(
     }
     settings_ranks: dict[str, Any] = {f"tol={t:g}": ranks_by_tol[t] for t in tolerances}
     settings_ranks.update({f"k={k}": int(k) for k in fixed_ranks})
+    peers = PeerSettings(galore_rank, num_heads, adam_mini_default)
     memory_rows = _memory_rows(
         named_shapes,
         settings_ranks,
-        rank_max,
-        galore_rank,
+        peers,
         bytes_per_number,
-        num_heads,
-        adam_mini_default,
-        sketch_columns,
+        rank_max=rank_max,
+        sketch_columns=sketch_columns,
     )
     settings = dict(
         tolerances=tolerances, rank_max=rank_max, fixed_ranks=list(fixed_ranks), galore_rank=galore_rank,
@@ -327,10 +348,10 @@ def _matrix_ranks(
     tolerances: Sequence[float],
     rank_max: int | None,
     rule: str,
+    *,  # the as-rsi rule's sketch settings
     oversample: int,
     power_iters: int,
     seed: int,
-    device: torch.device,
 ) -> MatrixRanks:
     m, n = v.shape
     k_max = lowrank.rank_cap(m, n, rank_max)
@@ -345,7 +366,7 @@ def _matrix_ranks(
             errors[t] = float(tails[ranks[t]])
     else:
         for t in tolerances:
-            generator = lowrank.seeded_generator(seed, moment.index, device=device)
+            generator = lowrank.seeded_generator(seed, moment.index, device=v.device)
             ranks[t], errors[t], _ = simulate_adaptive_rank(
                 v, t, rank_max=k_max, oversample=oversample, power_iters=power_iters, generator=generator
             )
@@ -356,11 +377,10 @@ def _matrix_ranks(
 def _memory_rows(
     named_shapes: list[tuple[str, tuple[int, ...]]],
     adapprox_ranks: dict[str, dict[int, int] | int | None],
-    rank_max: int | None,
-    galore_rank: int,
+    peers: PeerSettings,
     bytes_per_number: int,
-    num_heads: int | None,
-    adam_mini_default: str,
+    *,
+    rank_max: int | None = None,
     sketch_columns: int = 0,
 ) -> list[MemoryRow]:
     """AdamW, Adapprox with and without first moment for each rank setting, then the peers."""
@@ -376,7 +396,7 @@ def _memory_rows(
             )
             counts.append((key, setting, numbers, 0))
     for peer in PEER_OPTIMIZERS:
-        setting, numbers, bits = peer.count(named_shapes, galore_rank, num_heads, adam_mini_default)
+        setting, numbers, bits = peer.count(named_shapes, peers)
         counts.append((peer.key, setting, numbers, bits))
     adamw_bytes = memory.state_bytes(counts[0][2], bytes_per_number)
     rows = []
@@ -500,10 +520,8 @@ def estimate_shapes(
     if sibling is not None:
         for t in sibling.settings["tolerances"]:
             measured[f"tol={t:g} (from {sibling.source})"] = ranks_from_sibling(named_shapes, sibling, t)
-    rows = _memory_rows(
-        named_shapes, {**measured, **settings_ranks}, None, galore_rank, bytes_per_number, num_heads,
-        adam_mini_default,
-    )  # fmt: skip
+    peers = PeerSettings(galore_rank, num_heads, adam_mini_default)
+    rows = _memory_rows(named_shapes, {**measured, **settings_ranks}, peers, bytes_per_number)
     parameters = sum(math.prod(s) for _, s in named_shapes)
     settings = dict(ranks=list(ranks), galore_rank=galore_rank, adam_mini_default=adam_mini_default)
     if sibling is not None:
