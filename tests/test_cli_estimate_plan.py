@@ -102,3 +102,25 @@ def test_ranks_of_a_measured_sibling_carry_over_per_kind_of_matrix(tmp_path):
     )
     assert row["numbers"] == memory.adapprox_state_numbers([s for _, s in named], ranks)
     assert data["settings"]["sibling"] == str(sample)
+    assert "warnings" not in data  # the same family: every kind of matrix was measured
+
+
+def test_a_sibling_of_another_family_is_named_as_the_reason_for_k_max(tmp_path):
+    from pathlib import Path
+
+    from adapprox_cli import memory
+
+    sample = Path(__file__).resolve().parent.parent / "sample_states/hf-trainer/checkpoint-200"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(QWEN3_GQA))  # Qwen3 names (model.layers.N...) against a GPT-2 sibling
+    result = estimate("--config", path, sample, "--tol", "0.1", "--json")
+    data = json.loads(result.stdout)
+    (warning,) = data["warnings"]
+    assert "measured 0 of the" in warning and "same family" in warning
+    named = config_named_shapes(QWEN3_GQA)
+    row = next(
+        r for r in data["memory"] if r["optimizer"] == "adapprox" and r["setting"].startswith("tol=0.1")
+    )
+    assert row["numbers"] == memory.adapprox_state_numbers([s for _, s in named], None)  # all at k_max
+    text = runner.invoke(app, ["estimate", "--config", str(path), str(sample), "--tol", "0.1"])
+    assert text.exit_code == 0 and "same family" in text.output

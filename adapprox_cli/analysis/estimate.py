@@ -89,6 +89,7 @@ class EstimateReport:
     settings: dict[str, Any]
     # Planning from shapes: per row, weights + gradients + state at each of PRECISIONS.
     totals: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the numbers rest on that may not hold
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -102,6 +103,8 @@ class EstimateReport:
         }
         if self.totals:
             out["training_totals"] = self.totals
+        if self.warnings:
+            out["warnings"] = self.warnings
         return out
 
 
@@ -491,6 +494,27 @@ def ranks_from_sibling(
     return out
 
 
+def _sibling_coverage_warning(
+    named_shapes: list[tuple[str, tuple[int, ...]]], sibling: EstimateReport, source: str
+) -> str | None:
+    """A warning when the sibling measured few of the kinds of matrix the planned model has.
+
+    A kind the sibling lacks is planned at k_max, so a sibling of another family (other names)
+    makes every "from the sibling" row the k_max row in disguise.
+    """
+    measured = {_matrix_kind(m.name) for m in sibling.matrices}
+    kinds = {_matrix_kind(name) for name, shape in named_shapes if lowrank.is_factored(shape)}
+    missing = sorted(kinds - measured)
+    if not kinds or len(missing) * 2 < len(kinds):
+        return None
+    example = next(iter(sorted(measured)), "none")
+    return (
+        f"{sibling.source} measured {len(kinds) - len(missing)} of the {len(kinds)} kinds of factored "
+        f"matrix of {source} (it has e.g. {example}; {source} has {missing[0]}): the others are planned "
+        "at k_max; give the checkpoint of a smaller model of the same family"
+    )
+
+
 def estimate_shapes(
     named_shapes: list[tuple[str, tuple[int, ...]]],
     source: str,
@@ -529,6 +553,8 @@ def estimate_shapes(
         settings["sibling_tolerances"] = list(sibling.settings["tolerances"])
     report = EstimateReport(source, parameters, bytes_per_number, "fixed", [], rows, settings)
     report.totals = training_totals(rows, parameters)
+    if sibling is not None and (warning := _sibling_coverage_warning(named_shapes, sibling, source)):
+        report.warnings.append(warning)
     return report
 
 

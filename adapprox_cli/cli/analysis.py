@@ -745,7 +745,7 @@ def estimate(
                 with _progress("sibling ranks", _show_progress(json_output)) as update:
                     sibling = estimate_memory(
                         load_moments(checkpoint),
-                        tolerances=tol or (0.05,),
+                        tolerances=tol or (DEFAULT_TOL,),
                         galore_rank=galore_rank,
                         dtype=dtype,
                         device=device,
@@ -809,7 +809,7 @@ def estimate(
 
 
 def _render_estimate(report: Any) -> None:
-    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, wrap_first_column
+    from adapprox_cli.render import human_bytes, safe_text, stdout_console, table, warn, wrap_first_column
 
     console = stdout_console()
     if report.matrices:
@@ -837,6 +837,8 @@ def _render_estimate(report: Any) -> None:
     if report.totals:
         _render_totals(report)
     console.print(_verdict(report))
+    for message in report.warnings:
+        warn(message)
 
 
 def _render_totals(report: Any) -> None:
