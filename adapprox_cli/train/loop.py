@@ -509,7 +509,9 @@ def _accumulate_gradients(run: _Run) -> torch.Tensor:
     """Forward and backward ``grad_accum`` micro-batches; their summed (scaled) loss."""
     grad_accum = run.config.grad_accum
     ddp = run.processes.enabled and not run.config.fsdp
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # Summed on the device: the step's one host read is the logged loss (reduce_step), not one
+    # per micro-batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     for micro_step in range(grad_accum):
         x, y = get_batch(run.train_data, run.block_size, run.batch_size, run.generator, run.device)
         # Under DDP only the last micro-step all-reduces the gradients (nanoGPT's trick).
@@ -519,7 +521,7 @@ def _accumulate_gradients(run: _Run) -> torch.Tensor:
             with run.autocast:
                 loss = _forward_loss(run.model, x, y) / grad_accum
             loss.backward()
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
     return loss_sum
 
 
@@ -539,11 +541,11 @@ def _estimate_loss(run: _Run) -> dict[str, float]:
     losses = {}
     for split, data in (("train", run.train_data), ("val", run.val_data)):
         eval_generator = torch.Generator().manual_seed(sampler_seed(config.seed + 2, run.processes.rank, 0))
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=run.device)
         for _ in range(config.eval_iters):
             x, y = get_batch(data, run.block_size, run.batch_size, eval_generator, run.device)
             with run.autocast:
-                total += _forward_loss(model, x, y).double().cpu()
+                total += _forward_loss(model, x, y).double()
         losses[split] = float(mean_over_processes(total / config.eval_iters, run.processes))
     model.train()
     return losses
