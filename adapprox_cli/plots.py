@@ -21,6 +21,7 @@ from adapprox_cli.analysis import (
     WEIGHTED,
     CompareReport,
     EstimateReport,
+    RunComparison,
     RunReport,
     SpectrumReport,
     common_name_prefix,
@@ -36,6 +37,7 @@ __all__ = [
     "plot_compare",
     "plot_compare_run",
     "plot_estimate",
+    "plot_estimate_against_run",
     "plot_estimate_run",
     "plot_loss_curves",
     "plot_spectrum",
@@ -480,3 +482,44 @@ def _ema(values: np.ndarray, beta: float) -> np.ndarray:
         average = beta * average + (1 - beta) * value
         out[i] = average / (1 - beta ** (i + 1))
     return out
+
+
+def plot_estimate_against_run(comparison: RunComparison, path: str | Path) -> Path:
+    """The ranks a training run held against the ones ``estimate`` predicted for it.
+
+    Left: factor numbers, sum of k (m + n) over the matched matrices, against the iteration,
+    with the prediction at each tolerance as a dashed level. Right: the rank of one matrix of
+    each kind (up to 6) with its predicted rank (first tolerance) dashed in the same colour.
+    """
+    history = comparison.history
+    xs = [*history.iters, history.last_iter]  # steps: each recorded value holds until the next
+    matched = [m for m in comparison.matrices if m.run_name is not None]
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    numbers = [
+        sum((ranks.get(m.run_name) or 0) * sum(m.matrix_shape) for m in matched) for ranks in history.ranks
+    ]
+    left.step(xs, [*numbers, numbers[-1]], where="post", color="C0", label="the run (Adapprox)")
+    for i, (tol, predicted) in enumerate(comparison.predicted_numbers.items()):
+        left.axhline(predicted, color=f"C{i + 1}", linestyle="--", label=f"estimate at tol {tol:g}")
+    left.set_ylabel(f"factor numbers, {len(matched)} matrices")
+    left.set_title("Factored second moment: held vs predicted", fontsize=9)
+    tols = list(comparison.predicted_numbers)
+    shown = representative_names([m.name for m in matched], 6)
+    for i, m in enumerate(m for m in matched if m.name in shown):
+        series = history.series(m.run_name)
+        right.step(xs, [*series, series[-1]], where="post", color=f"C{i}", label=m.name)
+        if tols:
+            right.axhline(m.predicted[tols[0]], color=f"C{i}", linestyle="--", linewidth=1)
+    right.set_ylabel("rank")
+    right.set_title(
+        "Rank per matrix (solid: the run; dashed: estimate" + (f" at tol {tols[0]:g})" if tols else ")"),
+        fontsize=9,
+    )
+    for ax in (left, right):
+        ax.set_ylim(bottom=0)  # from zero: a few percent of rank jitter must not look like a trend
+        ax.set_xlabel("iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"{Path(history.source).name}: the run's ranks against the estimate")
+    return _save(fig, path)

@@ -70,6 +70,13 @@ from adapprox_cli.analysis.spectrum import (
     SpectrumReport,
     spectrum_report,
 )
+from adapprox_cli.analysis.trained import (
+    RankHistory,
+    RunComparison,
+    RunRanks,
+    ranks_against_run,
+    read_rank_history,
+)
 from adapprox_cli.devices import resolve_device
 
 __all__ = [
@@ -89,6 +96,9 @@ __all__ = [
     "PeerOptimizer",
     "PeerSettings",
     "ProgressCallback",
+    "RankHistory",
+    "RunComparison",
+    "RunRanks",
     "RunReport",
     "SpectrumReport",
     "StageResult",
@@ -106,7 +116,9 @@ __all__ = [
     "gram_eigenvalues",
     "load_moments",
     "moments_from_checkpoint",
+    "ranks_against_run",
     "ranks_from_sibling",
+    "read_rank_history",
     "resolve_device",
     "resolve_dtype",
     "run_trends",

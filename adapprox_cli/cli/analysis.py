@@ -666,6 +666,15 @@ def estimate(
         ),
     ] = None,
     galore_rank: Annotated[int, typer.Option("--galore-rank", min=1, help="GaLore's projection rank.")] = 128,
+    metrics: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics",
+            help="The --metrics file of an `adapprox train` run from this checkpoint: the ranks the "
+            "optimizer held are set beside the predicted ones (--plot draws both over the run).",
+            show_default=False,
+        ),
+    ] = None,
     rule: Annotated[
         str,
         typer.Option(
@@ -707,6 +716,8 @@ def estimate(
         adapprox estimate --config path/to/Qwen3-8B/config.json --rank 8
 
         adapprox estimate output_dir/ --tol 0.05 --plot ranks-over-training.png
+
+        adapprox estimate out/ckpt.pt --tol 0.05 --metrics run/metrics.jsonl --plot held-vs-predicted.png
     """
     from adapprox_cli.analysis import (
         checkpoint_num_heads,
@@ -722,6 +733,10 @@ def estimate(
     sibling_path = path[0] if config is not None and path and len(path) == 1 else None
     if sum((bool(path) and sibling_path is None, shapes is not None, config is not None)) != 1:
         raise InputError("give a checkpoint PATH or --shapes PRESET or --config config.json (one of them)")
+    if metrics is not None and (shapes is not None or config is not None):
+        raise InputError(
+            "--metrics sets a run beside the estimate of its checkpoint: give the checkpoint PATH"
+        )
     if shapes is not None or config is not None:
         flag = "--shapes" if shapes is not None else "--config"
         if (tol and sibling_path is None) or rank_max or params:
@@ -795,6 +810,12 @@ def estimate(
                 sketch_columns=DENSE_SKETCH_COLUMNS,  # the state the default optimizer keeps
             )
 
+    if metrics is not None:
+        _estimate_against_run(
+            path, metrics, analyse, json_output=json_output, plot=plot, trust_checkpoint=trust_checkpoint,
+            optimizer_index=optimizer_index,
+        )  # fmt: skip
+        return
     _analyse(
         ctx,
         path,
@@ -806,6 +827,84 @@ def estimate(
         trust_checkpoint=trust_checkpoint,
         optimizer_index=optimizer_index,
     )
+
+
+def _estimate_against_run(
+    paths: list[Path],
+    metrics: Path,
+    analyse: Callable[[Any, Path, str], Any],
+    *,
+    json_output: bool,
+    plot: Path | None,
+    trust_checkpoint: bool,
+    optimizer_index: int,
+) -> None:
+    """The estimate of one checkpoint, then the ranks a run from it held beside the predicted ones."""
+    from adapprox_cli.analysis import ranks_against_run, read_rank_history
+    from adapprox_cli.checkpoints.runs import find_stages
+
+    history = read_rank_history(metrics)  # a bad file fails before the analysis, not after
+    found = find_stages(paths, trust_checkpoint=trust_checkpoint)
+    given = paths[0].expanduser()
+    if len(paths) != 1 or len(found.stages) != 1 or found.stages[0].path != given:
+        raise InputError(
+            "--metrics sets one run beside one checkpoint: give the checkpoint the run started from"
+        )
+    report = analyse(_load(given, trust_checkpoint, optimizer_index, json_output), given, "estimate")
+    comparison = ranks_against_run(report, history)
+    if json_output:
+        from adapprox_cli.render import print_json
+
+        print_json({**report.to_dict(), "run": comparison.to_dict()})
+    else:
+        _render_estimate(report)
+        _render_against_run(comparison)
+    _CSV.write()
+    if plot is not None:
+        from adapprox_cli import plots
+        from adapprox_cli.render import info
+
+        info(f"wrote {plots.plot_estimate_against_run(comparison, plot)}")
+
+
+def _render_against_run(comparison: Any) -> None:
+    from adapprox_cli.render import stdout_console, table, warn, wrap_first_column
+
+    tols = list(comparison.predicted_numbers)
+    prefix = common_name_prefix([m.name for m in comparison.matrices])
+    columns = [
+        "parameter",
+        "shape",
+        "k_max",
+        *[f"predicted at tol {t:g}" for t in tols],
+        "run: last",
+        "run: largest",
+    ]
+    rows = [
+        (
+            m.name.removeprefix(prefix),
+            format_shape(m.matrix_shape),
+            m.rank_max,
+            *[m.predicted[t] for t in tols],
+            "-" if m.last is None else m.last,
+            "-" if m.largest is None else m.largest,
+        )
+        for m in comparison.matrices
+    ]
+    title = f"Predicted ranks against the run ({comparison.history.source}, to iteration {comparison.history.last_iter})"
+    _print_table(wrap_first_column(table(title, columns, rows, right_from=2)), name="run")
+    held = comparison.last_numbers
+    for t, predicted in comparison.predicted_numbers.items():
+        ratio = f"{held / predicted:.2f}x" if predicted else "-"
+        stdout_console().print(
+            f"factor numbers at the run's last ranks: {held:,}; predicted at tol {t:g}: {predicted:,} "
+            f"(held / predicted {ratio})"
+        )
+    if comparison.unmatched:
+        warn(
+            f"{len(comparison.unmatched)} matrices have no rank in {comparison.history.source} "
+            f"(e.g. {comparison.unmatched[0]}): is it the run of this checkpoint, trained with Adapprox?"
+        )
 
 
 def _render_estimate(report: Any) -> None:

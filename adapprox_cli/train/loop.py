@@ -355,6 +355,14 @@ class _RunState:
     checkpoints: list[str] = field(default_factory=list)  # the paths written
     step_seconds: float = 0.0  # wall time of the optimizer steps, evaluation and saving excluded
     interrupted: bool = False
+    ranks: dict[str, int] | None = None  # Adapprox's ranks as last recorded
+
+
+def _factor_ranks(run: _Run) -> dict[str, int] | None:
+    """Adapprox's rank per factored matrix, by parameter name (None for other optimizers)."""
+    if not isinstance(run.optimizer, Adapprox):
+        return None
+    return {run.param_names[i]: k for i, k in run.optimizer.ranks().items()}
 
 
 def _prepare(config: TrainConfig, callback: Callback | None, processes: Processes) -> _Run:
@@ -489,6 +497,11 @@ def _loop(run: _Run, state: _RunState, stop: dict[str, Any]) -> None:
             "tokens_per_s": tokens_per_s,
             "state_bytes": optimizer_state_bytes(optimizer.state),
         }
+        # Every rank once, then only when one changes: the metrics file holds the ranks over
+        # training (``analysis.ranks_from_metrics``) at a few bytes per step.
+        ranks = _factor_ranks(run)
+        if ranks is not None and ranks != state.ranks:
+            record["ranks"] = state.ranks = ranks
         state.history.append(record)
         run.events.emit(record)
         if run.eval_interval > 0 and done % run.eval_interval == 0 and state.iter_num < end_iter:
@@ -632,9 +645,7 @@ def _end_record(state: _RunState, result: TrainResult) -> dict[str, Any]:
 
 
 def _result(run: _Run, state: _RunState, stop_signal: int | None) -> TrainResult:
-    ranks = None
-    if isinstance(run.optimizer, Adapprox):
-        ranks = {run.param_names[i]: k for i, k in run.optimizer.ranks().items()}
+    ranks = _factor_ranks(run)
     config = run.config
     return TrainResult(
         optimizer=config.optimizer,
