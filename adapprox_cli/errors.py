@@ -19,7 +19,7 @@ class ParameterError(InputError):
     ``template`` names the parameter as ``{name}``: from Python the message reads
     ``power_iters must be >= 0, got -1``, and the CLI, which knows that ``compare_methods``'s
     ``power_iters`` is its ``--iters``, prints ``--iters must be >= 0, got -1`` through
-    ``spelled(...)``. Not a ``ValueError``: the loaders turn a ValueError from inside a malformed
+    ``spelled_by(...)``. Not a ``ValueError``: the loaders turn a ValueError from inside a malformed
     container into "does not have the structure its format implies", which a bad argument is not.
     """
 
@@ -30,10 +30,6 @@ class ParameterError(InputError):
         # ("pass {resume} to continue it"), so the CLI can name their flags too.
         self.mentions = mentions
         super().__init__(self.spelled_by(lambda parameter: parameter))
-
-    def spelled(self, name: str) -> str:
-        """The message with the parameter called ``name`` (a flag such as ``--iters``)."""
-        return self.spelled_by(lambda parameter: name if parameter == self.parameter else parameter)
 
     def spelled_by(self, spell) -> str:
         """The message with every parameter it names spelled by ``spell(python_name)``.
