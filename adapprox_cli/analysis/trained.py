@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,24 @@ class RunRanks:
 @dataclass
 class RunComparison:
     history: RankHistory
-    matrices: list[RunRanks]
-    predicted_numbers: dict[float, int]  # tolerance -> sum of k (m + n) over the matched matrices
-    last_numbers: int  # the same sum at the run's last ranks
-    unmatched: list[str] = field(default_factory=list)  # estimate matrices the run has no rank for
+    tolerances: list[float]
+    matrices: list[RunRanks]  # every factored matrix of the estimate, matched or not
+
+    @property
+    def unmatched(self) -> list[str]:
+        """Estimate matrices the run has no rank for."""
+        return [m.name for m in self.matrices if m.run_name is None]
+
+    @property
+    def predicted_numbers(self) -> dict[float, int]:
+        """Tolerance -> sum of k (m + n) at the predicted ranks, over the matched matrices."""
+        matched = [m for m in self.matrices if m.run_name is not None]
+        return {t: sum(m.predicted[t] * sum(m.matrix_shape) for m in matched) for t in self.tolerances}
+
+    @property
+    def last_numbers(self) -> int:
+        """The same sum at the run's last ranks."""
+        return sum((m.last or 0) * sum(m.matrix_shape) for m in self.matrices if m.run_name is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,25 +163,14 @@ def ranks_against_run(report: EstimateReport, history: RankHistory) -> RunCompar
     Lightning prefix on one side), provided that match is unique.
     """
     run_names = sorted({name for ranks in history.ranks for name in ranks})
-    matrices, unmatched = [], []
-    predicted = {t: 0 for t in report.settings.get("tolerances", [])}
-    last_numbers = 0
+    matrices = []
     for m in report.matrices:
         run_name = _matching_name(m.name, run_names)
-        if run_name is None:
-            unmatched.append(m.name)
-            matrices.append(RunRanks(m.name, None, m.matrix_shape, m.rank_max, dict(m.ranks), None, None))
-            continue
-        held = [k for k in history.series(run_name) if k is not None]
-        last = history.ranks[-1].get(run_name)
-        matrices.append(
-            RunRanks(m.name, run_name, m.matrix_shape, m.rank_max, dict(m.ranks), last, max(held))
-        )
-        side = sum(m.matrix_shape)
-        for t, k in m.ranks.items():
-            predicted[t] = predicted.get(t, 0) + k * side
-        last_numbers += (last or 0) * side
-    return RunComparison(history, matrices, predicted, last_numbers, unmatched)
+        held = [k for k in history.series(run_name) if k is not None] if run_name is not None else []
+        last = history.ranks[-1].get(run_name) if run_name is not None else None
+        largest = max(held) if held else None
+        matrices.append(RunRanks(m.name, run_name, m.matrix_shape, m.rank_max, dict(m.ranks), last, largest))
+    return RunComparison(history, list(report.settings.get("tolerances", [])), matrices)
 
 
 def _matching_name(name: str, run_names: list[str]) -> str | None:
